@@ -1,0 +1,85 @@
+"""Memory and cost accounting: one model of the working set, used by planner and executor.
+
+The executor processes one tensor at a time (all N models' copies of it), so the
+merge working set is that of the largest tensor, not of a whole unit; a tensor
+whose working set exceeds the budget is processed in row slices. Alignment holds,
+per symmetry group, an n × n cost matrix (fp32) plus the LAP solver's workspace
+(fp64), and two operands at a time (anchor and one peer). Across the whole align
+stage it carries the residual-stream cost (d × d, fp64, summed over all blocks).
+
+The constants are documented so estimates can be checked against measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COMPUTE_ITEMSIZE = 4  # all arithmetic in fp32
+# RSS of a Python process with torch, safetensors and numpy imported, before any tensor.
+PROCESS_BASE_BYTES = 500 * 10**6
+# Per element of a tensor being merged: N fp32 inputs, the consensus and one scratch
+# buffer (DARE mask / sign election), all fp32; plus the output at its own width.
+MERGE_TEMPORARIES = 2
+# A LAP on an n x n problem: fp32 cost matrix + fp64 copy handed to the solver.
+LAP_BYTES_PER_CELL = 4 + 8
+# Plan to use at most this share of the budget, leaving room for allocator
+# fragmentation, the page cache's unevictable pages and Python objects.
+HEADROOM = 0.85
+
+
+def usable(budget: int) -> int:
+    """Bytes of the budget that tensors may occupy."""
+    return int(budget * HEADROOM) - PROCESS_BASE_BYTES
+
+
+def merge_bytes(numel: int, n_inputs: int, out_itemsize: int) -> int:
+    """Working set to merge ``numel`` elements from ``n_inputs`` models."""
+    return numel * (COMPUTE_ITEMSIZE * (n_inputs + MERGE_TEMPORARIES) + out_itemsize)
+
+
+def rows_per_slice(shape: tuple[int, ...], n_inputs: int, out_itemsize: int,
+                   available: int) -> int | None:
+    """Rows of a tensor to process at once so the merge fits in ``available`` bytes.
+
+    Returns all rows when the whole tensor fits, fewer when it must be sliced, and
+    None when not even one row fits.
+    """
+    rows = shape[0] if shape else 1
+    row_numel = 1
+    for dim in shape[1:]:
+        row_numel *= dim
+    per_row = merge_bytes(row_numel, n_inputs, out_itemsize)
+    if per_row == 0:
+        return rows
+    fit = available // per_row
+    return None if fit < 1 else min(rows, fit)
+
+
+def align_group_bytes(size: int) -> int:
+    """Cost matrix + solver workspace for one assignment problem of ``size``."""
+    return size * size * LAP_BYTES_PER_CELL
+
+
+def residual_cost_bytes(size: int) -> int:
+    """The residual-stream cost accumulator (fp64, it sums over the whole model)."""
+    return size * size * 8
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Rates used for time estimates (measured where DESIGN.md gives a figure)."""
+
+    gemm_flops: float  # fp32 GEMM FLOP/s
+    lap_coeff: float  # seconds ~ lap_coeff * n ** 2.5 for one LAP of size n
+    disk_read: float  # bytes/s
+    disk_write: float  # bytes/s
+    merge_elems: float  # element-model pairs merged per second (elementwise work)
+
+
+# 2-core CPU of the dev machine: (8192 x 4096)(4096 x 8192) in 4.2 s => 1.3e11 FLOP/s;
+# lapjv 0.7-2.6 s at n=8192 and 19-56 s at n=28672 => ~2.5e-10 * n^2.5.
+CPU = Throughput(gemm_flops=1.3e11, lap_coeff=2.5e-10, disk_read=1.5e9, disk_write=1.0e9,
+                 merge_elems=3e8)
+# One H100/H200-class GPU: fp32 GEMM (no TF32) ~5e13 FLOP/s; the LAP stays on the CPU.
+GPU = Throughput(gemm_flops=5e13, lap_coeff=2.5e-10, disk_read=1.5e9, disk_write=1.0e9,
+                 merge_elems=2e10)

@@ -1,0 +1,226 @@
+"""The supported model families, as data.
+
+Axis labels follow DESIGN.md "Symmetries". Decoder families (RoPE, GQA):
+
+* residual  one permutation of the hidden size shared by the whole network;
+* mlp       the intermediate units of one block (gate/up rows, down columns);
+* kv        the KV heads of one block; each moves with its r query heads;
+* q         query heads within one KV group (size r, one permutation per KV head);
+* vo        the value/output dims of one KV head (shared by its r query heads);
+* rot       Q/K head dims: fixed, because RoPE pairs them (no permutation is exact).
+
+Encoder families (BERT, ViT; no RoPE): heads permute freely, and within a head Q/K
+share one permutation (qk) and V/O another (vo).
+"""
+
+from __future__ import annotations
+
+from ..errors import PacerError
+from .spec import ArchSpec, GroupKind, TensorRule as R
+
+
+def _need(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PacerError(f"config.json: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def decoder_dims(config: dict) -> dict[str, int]:
+    hidden = _need(config, "hidden_size")
+    heads = _need(config, "num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    if heads % kv:
+        raise PacerError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
+    return {
+        "residual": hidden, "mlp": _need(config, "intermediate_size"), "layers":
+        _need(config, "num_hidden_layers"), "kv": kv, "q": heads // kv, "vo": head_dim,
+        "rot": head_dim,
+    }
+
+
+def encoder_dims(config: dict) -> dict[str, int]:
+    hidden = _need(config, "hidden_size")
+    heads = _need(config, "num_attention_heads")
+    if hidden % heads:
+        raise PacerError(f"config.json: hidden_size {hidden} is not a multiple of "
+                         f"num_attention_heads {heads}")
+    return {
+        "residual": hidden, "mlp": _need(config, "intermediate_size"),
+        "layers": _need(config, "num_hidden_layers"), "heads": heads, "qk": hidden // heads,
+        "vo": hidden // heads,
+    }
+
+
+DECODER_GROUPS = (
+    GroupKind("residual", "residual", scope="global"),
+    GroupKind("mlp", "mlp"),
+    GroupKind("kv", "kv"),
+    GroupKind("q", "q", parent="kv"),
+    GroupKind("vo", "vo", parent="kv"),
+)
+ENCODER_GROUPS = (
+    GroupKind("residual", "residual", scope="global"),
+    GroupKind("mlp", "mlp"),
+    GroupKind("heads", "heads"),
+    GroupKind("qk", "qk", parent="heads"),
+    GroupKind("vo", "vo", parent="heads"),
+)
+
+_L = "model.layers.{i}."
+LLAMA_RULES = (
+    R("model.embed_tokens.weight", "embed", ("-", "residual"), unit="embed"),
+    R(_L + "input_layernorm.weight", "attn.norm", ("residual",)),
+    R(_L + "self_attn.q_proj.weight", "attn.q", ("kv.q.rot", "residual")),
+    R(_L + "self_attn.k_proj.weight", "attn.k", ("kv.rot", "residual")),
+    R(_L + "self_attn.v_proj.weight", "attn.v", ("kv.vo", "residual")),
+    R(_L + "self_attn.o_proj.weight", "attn.o", ("residual", "kv.q.vo")),
+    R(_L + "self_attn.q_proj.bias", "attn.q.bias", ("kv.q.rot",), optional=True),
+    R(_L + "self_attn.k_proj.bias", "attn.k.bias", ("kv.rot",), optional=True),
+    R(_L + "self_attn.v_proj.bias", "attn.v.bias", ("kv.vo",), optional=True),
+    R(_L + "self_attn.o_proj.bias", "attn.o.bias", ("residual",), optional=True),
+    R(_L + "post_attention_layernorm.weight", "mlp.norm", ("residual",)),
+    R(_L + "mlp.gate_proj.weight", "mlp.gate", ("mlp", "residual")),
+    R(_L + "mlp.up_proj.weight", "mlp.up", ("mlp", "residual")),
+    R(_L + "mlp.down_proj.weight", "mlp.down", ("residual", "mlp")),
+    R(_L + "mlp.gate_proj.bias", "mlp.gate.bias", ("mlp",), optional=True),
+    R(_L + "mlp.up_proj.bias", "mlp.up.bias", ("mlp",), optional=True),
+    R(_L + "mlp.down_proj.bias", "mlp.down.bias", ("residual",), optional=True),
+    R("model.norm.weight", "final.norm", ("residual",), unit="head"),
+    R("lm_head.weight", "lm_head", ("-", "residual"), unit="head", optional=True),
+)
+QWEN3_RULES = LLAMA_RULES + (
+    # q_norm/k_norm act within one head on its rotary dims: unaffected by head moves.
+    R(_L + "self_attn.q_norm.weight", "attn.q.norm", ("rot",)),
+    R(_L + "self_attn.k_norm.weight", "attn.k.norm", ("rot",)),
+)
+DECODER_PASSTHROUGH = (R(_L + "self_attn.rotary_emb.inv_freq", "rope", ("-",), optional=True),)
+
+
+def _decoder(family: str, model_types: tuple[str, ...], rules=LLAMA_RULES) -> ArchSpec:
+    return ArchSpec(family, model_types, decoder_dims, DECODER_GROUPS, rules,
+                    DECODER_PASSTHROUGH, has_rope=True)
+
+
+_B = "encoder.layer.{i}."
+BERT = ArchSpec(
+    "bert", ("bert",), encoder_dims, ENCODER_GROUPS,
+    (
+        R("embeddings.word_embeddings.weight", "embed", ("-", "residual"), unit="embed"),
+        R("embeddings.position_embeddings.weight", "embed.position", ("-", "residual"), unit="embed"),
+        R("embeddings.token_type_embeddings.weight", "embed.type", ("-", "residual"), unit="embed",
+          optional=True),
+        R("embeddings.LayerNorm.weight", "embed.norm", ("residual",), unit="embed"),
+        R("embeddings.LayerNorm.bias", "embed.norm.bias", ("residual",), unit="embed"),
+        R(_B + "attention.self.query.weight", "attn.q", ("heads.qk", "residual")),
+        R(_B + "attention.self.query.bias", "attn.q.bias", ("heads.qk",)),
+        R(_B + "attention.self.key.weight", "attn.k", ("heads.qk", "residual")),
+        R(_B + "attention.self.key.bias", "attn.k.bias", ("heads.qk",)),
+        R(_B + "attention.self.value.weight", "attn.v", ("heads.vo", "residual")),
+        R(_B + "attention.self.value.bias", "attn.v.bias", ("heads.vo",)),
+        R(_B + "attention.output.dense.weight", "attn.o", ("residual", "heads.vo")),
+        R(_B + "attention.output.dense.bias", "attn.o.bias", ("residual",)),
+        R(_B + "attention.output.LayerNorm.weight", "attn.norm", ("residual",)),
+        R(_B + "attention.output.LayerNorm.bias", "attn.norm.bias", ("residual",)),
+        R(_B + "intermediate.dense.weight", "mlp.up", ("mlp", "residual")),
+        R(_B + "intermediate.dense.bias", "mlp.up.bias", ("mlp",)),
+        R(_B + "output.dense.weight", "mlp.down", ("residual", "mlp")),
+        R(_B + "output.dense.bias", "mlp.down.bias", ("residual",)),
+        R(_B + "output.LayerNorm.weight", "mlp.norm", ("residual",)),
+        R(_B + "output.LayerNorm.bias", "mlp.norm.bias", ("residual",)),
+        # The pooler's output is a model output: rows fixed, inputs from the residual.
+        R("pooler.dense.weight", "pooler", ("-", "residual"), unit="head", optional=True),
+        R("pooler.dense.bias", "pooler.bias", ("-",), unit="head", optional=True),
+        # Masked-LM head. Its hidden space is tied to the word embeddings' columns,
+        # so it takes the residual permutation on both sides.
+        R("cls.predictions.transform.dense.weight", "mlm.dense", ("residual", "residual"),
+          unit="head", optional=True),
+        R("cls.predictions.transform.dense.bias", "mlm.dense.bias", ("residual",), unit="head",
+          optional=True),
+        R("cls.predictions.transform.LayerNorm.weight", "mlm.norm", ("residual",), unit="head",
+          optional=True),
+        R("cls.predictions.transform.LayerNorm.bias", "mlm.norm.bias", ("residual",), unit="head",
+          optional=True),
+        R("cls.predictions.decoder.weight", "mlm.decoder", ("-", "residual"), unit="head",
+          optional=True),
+        R("cls.predictions.decoder.bias", "mlm.decoder.bias", ("-",), unit="head", optional=True),
+        R("cls.predictions.bias", "mlm.bias", ("-",), unit="head", optional=True),
+        # Sequence classifiers sit on the pooler: nothing of theirs permutes.
+        R("classifier.weight", "classifier", ("-", "-"), unit="head", optional=True),
+        R("classifier.bias", "classifier.bias", ("-",), unit="head", optional=True),
+    ),
+    passthrough=(
+        R("embeddings.position_ids", "position_ids", ("-", "-"), unit="embed", optional=True),
+        R("embeddings.token_type_ids", "token_type_ids", ("-", "-"), unit="embed", optional=True),
+    ),
+    prefix=r"(?:bert\.)?",
+)
+
+# HF ViT, in the spelling transformers < 5 writes (and still writes on save) ...
+_V = "encoder.layer.{i}."
+# ... and the spelling transformers >= 5 uses in memory.
+_W = "layers.{i}."
+VIT = ArchSpec(
+    "vit", ("vit",), encoder_dims, ENCODER_GROUPS,
+    (
+        R("embeddings.cls_token", "embed.cls", ("-", "-", "residual"), unit="embed"),
+        R("embeddings.mask_token", "embed.mask", ("-", "-", "residual"), unit="embed",
+          optional=True),
+        R("embeddings.position_embeddings", "embed.position", ("-", "-", "residual"), unit="embed"),
+        R("embeddings.patch_embeddings.projection.weight", "embed.patch",
+          ("residual", "-", "-", "-"), unit="embed"),
+        R("embeddings.patch_embeddings.projection.bias", "embed.patch.bias", ("residual",),
+          unit="embed"),
+        R(_V + "layernorm_before.weight", "attn.norm", ("residual",)),
+        R(_V + "layernorm_before.bias", "attn.norm.bias", ("residual",)),
+        R(_V + "attention.attention.query.weight", "attn.q", ("heads.qk", "residual")),
+        R(_V + "attention.attention.query.bias", "attn.q.bias", ("heads.qk",)),
+        R(_V + "attention.attention.key.weight", "attn.k", ("heads.qk", "residual")),
+        R(_V + "attention.attention.key.bias", "attn.k.bias", ("heads.qk",)),
+        R(_V + "attention.attention.value.weight", "attn.v", ("heads.vo", "residual")),
+        R(_V + "attention.attention.value.bias", "attn.v.bias", ("heads.vo",)),
+        R(_V + "attention.output.dense.weight", "attn.o", ("residual", "heads.vo")),
+        R(_V + "attention.output.dense.bias", "attn.o.bias", ("residual",)),
+        R(_V + "layernorm_after.weight", "mlp.norm", ("residual",)),
+        R(_V + "layernorm_after.bias", "mlp.norm.bias", ("residual",)),
+        R(_V + "intermediate.dense.weight", "mlp.up", ("mlp", "residual")),
+        R(_V + "intermediate.dense.bias", "mlp.up.bias", ("mlp",)),
+        R(_V + "output.dense.weight", "mlp.down", ("residual", "mlp")),
+        R(_V + "output.dense.bias", "mlp.down.bias", ("residual",)),
+        R(_W + "layernorm_before.weight", "attn.norm", ("residual",)),
+        R(_W + "layernorm_before.bias", "attn.norm.bias", ("residual",)),
+        R(_W + "attention.q_proj.weight", "attn.q", ("heads.qk", "residual")),
+        R(_W + "attention.q_proj.bias", "attn.q.bias", ("heads.qk",)),
+        R(_W + "attention.k_proj.weight", "attn.k", ("heads.qk", "residual")),
+        R(_W + "attention.k_proj.bias", "attn.k.bias", ("heads.qk",)),
+        R(_W + "attention.v_proj.weight", "attn.v", ("heads.vo", "residual")),
+        R(_W + "attention.v_proj.bias", "attn.v.bias", ("heads.vo",)),
+        R(_W + "attention.o_proj.weight", "attn.o", ("residual", "heads.vo")),
+        R(_W + "attention.o_proj.bias", "attn.o.bias", ("residual",)),
+        R(_W + "layernorm_after.weight", "mlp.norm", ("residual",)),
+        R(_W + "layernorm_after.bias", "mlp.norm.bias", ("residual",)),
+        R(_W + "mlp.fc1.weight", "mlp.up", ("mlp", "residual")),
+        R(_W + "mlp.fc1.bias", "mlp.up.bias", ("mlp",)),
+        R(_W + "mlp.fc2.weight", "mlp.down", ("residual", "mlp")),
+        R(_W + "mlp.fc2.bias", "mlp.down.bias", ("residual",)),
+        R("layernorm.weight", "final.norm", ("residual",), unit="head"),
+        R("layernorm.bias", "final.norm.bias", ("residual",), unit="head"),
+        R("pooler.dense.weight", "pooler", ("-", "residual"), unit="head", optional=True),
+        R("pooler.dense.bias", "pooler.bias", ("-",), unit="head", optional=True),
+        # The image classifier reads the final-norm CLS token: inputs are residual.
+        R("classifier.weight", "classifier", ("-", "residual"), unit="head", optional=True),
+        R("classifier.bias", "classifier.bias", ("-",), unit="head", optional=True),
+    ),
+    prefix=r"(?:vit\.)?",
+)
+
+FAMILIES: tuple[ArchSpec, ...] = (
+    _decoder("llama", ("llama",)),
+    _decoder("mistral", ("mistral",)),
+    _decoder("qwen2", ("qwen2",)),
+    _decoder("qwen3", ("qwen3",), QWEN3_RULES),
+    BERT,
+    VIT,
+)

@@ -1,0 +1,61 @@
+"""The ``pacer-stream`` command line.
+
+Every user error is printed as one line, ``pacer-stream: error: ...``, with exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PacerError
+from .sizes import parse_size
+
+
+class _Group(click.Group):
+    """Turns :class:`PacerError` into a one-line message and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PacerError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"pacer-stream: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Stream-merge N fine-tuned checkpoints of one architecture into one model."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) -> None:
+    """Preview memory, disk traffic and time of PLAN_FILE from the headers alone."""
+    from .config import load_plan
+    from .inputs import ModelSet
+    from .planner import make_plan, render
+
+    budget = parse_size(max_memory, "--max-memory") if max_memory else None
+    config = load_plan(plan_file)
+    report = make_plan(config, ModelSet.from_plan(config), budget, device)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        click.echo(render(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The plan file: schema, defaults and validation, up front.
+
+Plans are YAML and accept PacerKit's keys as they are::
+
+    project_name: qwen-coder-merge
+    models:
+      - fluently/FluentlyQwen3-Coder-4B-0909
+      - {model: SamuelBang/AesCoder-4B, weight: 0.7}
+    output: {path: ./merged_model, save_format: safetensors}
+    method: pacer
+    pacer: {interference_threshold: 0.35, top_k_experts: 2, dropout_rate: 0.1,
+            anchor_strategy: first, enable_moe_upcycle: true}
+
+Every mistake is a :class:`PacerError` naming the key; an unknown key comes with
+the closest known one as a suggestion. Relative model paths and the output path
+are resolved against the plan file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PacerError
+from .io.sources import ModelRef, parse_ref
+from .sizes import parse_size
+
+METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "split_merge")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ANCHORS = ("first", "min_magnitude")
+TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
+            "seed")
+OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
+MODEL_KEYS = ("model", "weight", "density")
+PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "epsilon", "parity")
+PACER_DEFAULTS: dict[str, Any] = {
+    "interference_threshold": 0.35,  # gamma: upcycle an MLP block whose conflict exceeds it
+    "top_k_experts": 2,
+    "dropout_rate": 0.1,  # DARE drop probability for the dense merge
+    "anchor_strategy": "first",
+    "enable_moe_upcycle": True,
+    "max_sweeps": 3,  # cap on residual-stream alignment sweeps
+    "max_param_growth": None,  # budget mode: stop upcycling at this parameter ratio, e.g. 1.36
+    "router_temperature": 1.0,
+    "align": True,
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    ref: ModelRef
+    weight: float = 1.0
+    density: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: Path
+    save_format: str = "safetensors"
+    dtype: str = "auto"
+    shard_size: int = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """A validated plan."""
+
+    project_name: str
+    models: tuple[ModelEntry, ...]
+    output: OutputSpec
+    method: str = "pacer"
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    pacer: dict[str, Any] = field(default_factory=lambda: dict(PACER_DEFAULTS))
+    seed: int = 0
+    source: Path | None = None
+
+
+def load_plan(path: str | Path) -> PlanConfig:
+    """Read and validate a plan file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PacerError(f"{path}: plan file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise PacerError(f"{path}: malformed plan file{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise PacerError(f"{path}: plan file is not UTF-8 text") from None
+    plan = parse_plan(raw, base_dir=path.resolve().parent, label=str(path))
+    return dataclasses.replace(plan, source=path.resolve())
+
+
+def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> PlanConfig:
+    base_dir = base_dir or Path.cwd()
+    if not isinstance(raw, dict):
+        raise PacerError(f"{label}: a plan must be a YAML mapping with at least 'models'")
+    _check_keys(raw, TOP_KEYS, label)
+    models = raw.get("models")
+    if not isinstance(models, list) or len(models) < 2:
+        raise PacerError(f"{label}: 'models' must list at least two models to merge")
+    entries = tuple(_model_entry(m, base_dir, f"{label}: models[{i}]") for i, m in enumerate(models))
+
+    method = raw.get("method", "pacer")
+    if method not in METHODS:
+        raise PacerError(f"{label}: unknown method {method!r}{_suggest(method, METHODS)} "
+                         f"(choose from {', '.join(METHODS)})")
+    base = raw.get("base_model")
+    base_ref = parse_ref(base, base_dir) if base is not None else None
+    if method == "task_arithmetic" and base_ref is None:
+        raise PacerError(f"{label}: method task_arithmetic needs 'base_model'")
+
+    parameters = _mapping(raw.get("parameters", {}), f"{label}: parameters")
+    _check_keys(parameters, PARAMETER_KEYS, f"{label}: parameters")
+    pacer = _mapping(raw.get("pacer", {}), f"{label}: pacer")
+    _check_keys(pacer, tuple(PACER_DEFAULTS), f"{label}: pacer")
+    pacer = {**PACER_DEFAULTS, **pacer}
+    _check_pacer(pacer, f"{label}: pacer")
+
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise PacerError(f"{label}: seed must be a non-negative integer, got {seed!r}")
+    name = raw.get("project_name", "merge")
+    if not isinstance(name, str) or not name:
+        raise PacerError(f"{label}: project_name must be a non-empty string")
+    return PlanConfig(name, entries, _output(raw.get("output"), base_dir, f"{label}: output", name),
+                      method, base_ref, parameters, pacer, seed, None)
+
+
+def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
+    if isinstance(item, str):
+        return ModelEntry(parse_ref(item, base_dir))
+    if not isinstance(item, dict) or "model" not in item:
+        raise PacerError(f"{where}: expected a model reference or a mapping with 'model'")
+    _check_keys(item, MODEL_KEYS, where)
+    weight = _number(item.get("weight", 1.0), f"{where}.weight")
+    density = item.get("density")
+    if density is not None:
+        density = _number(density, f"{where}.density")
+        if not 0 < density <= 1:
+            raise PacerError(f"{where}.density must be in (0, 1], got {density}")
+    return ModelEntry(parse_ref(item["model"], base_dir), weight, density)
+
+
+def _output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
+    raw = _mapping(raw if raw is not None else {}, where)
+    _check_keys(raw, OUTPUT_KEYS, where)
+    path = Path(str(raw.get("path", f"./{name}"))).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    fmt = raw.get("save_format", "safetensors")
+    if fmt != "safetensors":
+        raise PacerError(f"{where}.save_format: only 'safetensors' is written, got {fmt!r}")
+    dtype = raw.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise PacerError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    shard = parse_size(raw.get("shard_size", "5GB"), f"{where}.shard_size")
+    return OutputSpec(path.resolve(), fmt, dtype, shard)
+
+
+def _check_pacer(p: dict, where: str) -> None:
+    for key in ("interference_threshold", "dropout_rate"):
+        value = _number(p[key], f"{where}.{key}")
+        if not 0 <= value < 1 + (key == "interference_threshold"):
+            raise PacerError(f"{where}.{key} out of range: {value}")
+    for key in ("top_k_experts", "max_sweeps"):
+        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
+            raise PacerError(f"{where}.{key} must be a positive integer, got {p[key]!r}")
+    if p["anchor_strategy"] not in ANCHORS:
+        raise PacerError(f"{where}.anchor_strategy: expected one of {', '.join(ANCHORS)}, "
+                         f"got {p['anchor_strategy']!r}")
+    for key in ("enable_moe_upcycle", "align"):
+        if not isinstance(p[key], bool):
+            raise PacerError(f"{where}.{key} must be true or false, got {p[key]!r}")
+    if p["max_param_growth"] is not None and _number(p["max_param_growth"], where) < 1:
+        raise PacerError(f"{where}.max_param_growth must be at least 1.0")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise PacerError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PacerError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _suggest(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(raw: dict, known: tuple[str, ...], where: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise PacerError(f"{where}: unknown key {key!r}{_suggest(key, known)}; "
+                             f"known keys: {', '.join(known)}")

@@ -1,0 +1,1 @@
+"""Reading checkpoints: where they come from (sources) and what is in them (reader)."""

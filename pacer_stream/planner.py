@@ -1,0 +1,280 @@
+"""The plan: stages, per-unit costs, peak RAM, disk traffic and time, from headers alone.
+
+``make_plan`` walks the merge graph once and, for every unit, counts the bytes
+each stage reads and writes, the working set (see :mod:`accounting`), the FLOPs
+of the alignment cost GEMMs and the LAP solves. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from . import accounting as acct
+from .config import PlanConfig
+from .errors import PacerError
+from .graph import MergeGraph, Unit
+from .inputs import ModelSet
+from .io.header import DTYPES, TensorInfo
+from .sizes import format_size
+
+OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass
+class UnitPlan:
+    name: str
+    tensors: int
+    merge_read_bytes: int  # one merge pass over all inputs
+    align_read_bytes: int  # one alignment sweep (anchor + peers, permuted tensors only)
+    write_bytes: int
+    merge_ram_bytes: int
+    align_ram_bytes: int
+    align_flops: float  # cost GEMMs of one sweep, all peers
+    lap_problems: int
+    lap_seconds: float  # one sweep, all peers, CPU
+    sliced: dict[str, int] = field(default_factory=dict)  # tensor -> rows per slice
+    problem: str | None = None
+
+    @property
+    def ram_bytes(self) -> int:
+        return max(self.merge_ram_bytes, self.align_ram_bytes)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    passes: int
+    read_bytes: int
+    write_bytes: int
+    seconds: dict[str, float]
+
+
+@dataclass
+class Plan:
+    project_name: str
+    method: str
+    architecture: str
+    models: list[str]
+    device: str
+    budget_bytes: int
+    input_bytes: int
+    units: list[UnitPlan]
+    stages: list[StagePlan]
+    groups: list[dict]
+    peak_unit: str
+    peak_ram_bytes: int
+    fits: bool
+    reason: str | None
+    write_bytes_max: int
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.read_bytes for s in self.stages)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(s.write_bytes for s in self.stages)
+
+    @property
+    def est_seconds(self) -> dict[str, float]:
+        return {dev: round(sum(s.seconds[dev] for s in self.stages), 3) for dev in ("cpu", "gpu")}
+
+    def to_json(self) -> dict:
+        return {
+            "project_name": self.project_name, "method": self.method,
+            "architecture": self.architecture, "models": self.models, "device": self.device,
+            "budget_bytes": self.budget_bytes, "peak_ram_bytes": self.peak_ram_bytes,
+            "peak_unit": self.peak_unit, "fits": self.fits, "reason": self.reason,
+            "input_bytes": self.input_bytes, "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes, "write_bytes_max": self.write_bytes_max,
+            "est_seconds": self.est_seconds, "groups": self.groups,
+            "stages": [asdict(s) for s in self.stages],
+            "units": [{**asdict(u), "ram_bytes": u.ram_bytes} for u in self.units],
+        }
+
+
+def default_budget() -> int:
+    """Without --max-memory: 80% of physical RAM."""
+    return int(psutil.virtual_memory().total * 0.8)
+
+
+def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
+              device: str = "cpu") -> Plan:
+    budget = budget or default_budget()
+    graph = models.graph
+    inputs = models.all
+    aligning = config.method == "pacer" and config.pacer["align"]
+    n_peers = len(models.models) - 1
+    out_dtype = OUT_DTYPES.get(config.output.dtype)
+    residual = graph.groups.get("residual")
+    carried = acct.residual_cost_bytes(residual.size) if aligning and residual else 0
+
+    units = [_unit_plan(unit, graph, inputs, len(models.models), n_peers, out_dtype, budget,
+                        carried, aligning) for unit in graph.units]
+    input_bytes = sum(u.merge_read_bytes for u in units)
+    dense_out = sum(u.write_bytes for u in units)
+    stages = _stages(config, units, n_peers, graph, aligning)
+    peak = max(units, key=lambda u: u.ram_bytes)
+    problems = [u for u in units if u.problem]
+    write_max = dense_out
+    if config.method == "pacer" and config.pacer["enable_moe_upcycle"]:
+        # every MLP block upcycled to N experts: the upper bound on output size
+        mlp_out = sum(_bytes(graph.nodes[t].info, out_dtype) for u in graph.units
+                      for t in u.tensors if graph.nodes[t].role.startswith("mlp.")
+                      and graph.nodes[t].role != "mlp.norm")
+        write_max = dense_out + (len(models.models) - 1) * mlp_out
+    return Plan(
+        project_name=config.project_name, method=config.method, architecture=models.spec.family,
+        models=[m.label for m in models.models], device=device, budget_bytes=budget,
+        input_bytes=input_bytes, units=units, stages=stages, groups=_group_summary(graph),
+        peak_unit=peak.name, peak_ram_bytes=peak.ram_bytes,
+        fits=not problems and peak.ram_bytes <= budget,
+        reason=problems[0].problem if problems else None, write_bytes_max=write_max,
+    )
+
+
+def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
+    dtype = out_dtype if (out_dtype and info.is_float) else info.dtype
+    return info.numel * DTYPES[dtype][1]
+
+
+def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: int,
+               out_dtype: str | None, budget: int, carried: int, aligning: bool) -> UnitPlan:
+    names = unit.tensors + unit.passthrough
+    merge_read = sum(m.tensors[t].nbytes for m in inputs for t in names)
+    permuted = [t for t in unit.tensors if graph.nodes[t].groups]
+    align_read = sum(m.tensors[t].nbytes for m in inputs[:n_models] for t in permuted)
+    write = sum(_bytes(inputs[0].tensors[t], out_dtype) for t in names)
+    plan = UnitPlan(unit.name, len(names), merge_read, align_read if aligning else 0, write,
+                    0, 0, 0.0, 0, 0.0)
+
+    # Merge: the largest tensor's working set, sliced by rows if it must be.
+    available = acct.usable(budget)
+    merge_peak = 0
+    for t in unit.tensors:
+        info = inputs[0].tensors[t]
+        out_size = DTYPES[out_dtype or info.dtype][1]
+        rows = acct.rows_per_slice(info.shape, len(inputs), out_size, available)
+        if rows is None:
+            plan.problem = (f"{unit.name}: one row of {t} needs more than the "
+                            f"{format_size(available)} the budget leaves for merging")
+            rows = 1
+        elif info.shape and rows < info.shape[0]:
+            plan.sliced[t] = rows
+        merge_peak = max(merge_peak, acct.merge_bytes(info.numel // max(info.shape[0], 1) * rows
+                                                      if info.shape else 1, len(inputs), out_size))
+    plan.merge_ram_bytes = acct.PROCESS_BASE_BYTES + merge_peak
+    if not aligning:
+        return plan
+
+    # Alignment: one group's cost + solver at a time, two fp32 operands, the carried residual cost.
+    local = [g for g in graph.groups.values() if g.unit == unit.name]
+    lap_peak = max((acct.align_group_bytes(g.size) * g.problems for g in local), default=0)
+    operands = max((2 * inputs[0].tensors[t].numel * acct.COMPUTE_ITEMSIZE for t in permuted),
+                   default=0)
+    room = acct.usable(budget) - carried - lap_peak
+    if room <= 0 and plan.problem is None:
+        big = max(local, key=lambda g: g.size)
+        plan.problem = (f"{unit.name}: aligning its {big.kind} group needs a {big.size}x{big.size} "
+                        f"cost matrix and solver workspace ({format_size(lap_peak)}) plus the "
+                        f"residual cost ({format_size(carried)}), more than the budget of "
+                        f"{format_size(budget)}")
+    operands = min(operands, max(room, 0))  # larger operands are read in row slices
+    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + carried + lap_peak + operands
+    for g in graph.groups.values():
+        for t, _axis in g.members:
+            if t in unit.tensors:
+                plan.align_flops += n_peers * 2.0 * g.size * graph.nodes[t].info.numel
+    plan.lap_problems = n_peers * sum(g.problems for g in local)
+    plan.lap_seconds = n_peers * sum(g.problems * acct.CPU.lap_coeff * g.size ** 2.5 for g in local)
+    return plan
+
+
+def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
+            aligning: bool) -> list[StagePlan]:
+    merge_read = sum(u.merge_read_bytes for u in units)
+    write = sum(u.write_bytes for u in units)
+    elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
+    stages = []
+    if aligning:
+        sweeps = config.pacer["max_sweeps"]
+        read = sum(u.align_read_bytes for u in units)
+        flops = sum(u.align_flops for u in units)
+        residual = graph.groups.get("residual")
+        lap_residual = n_peers * acct.CPU.lap_coeff * residual.size ** 2.5 if residual else 0
+        lap = sum(u.lap_seconds for u in units) + lap_residual
+        seconds = {name: sweeps * (read / rate.disk_read + flops / rate.gemm_flops
+                                   + lap * rate.lap_coeff / acct.CPU.lap_coeff)
+                   for name, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
+        stages.append(StagePlan("align", sweeps, sweeps * read, 0, seconds))
+    passes = {"split_merge": ["variance", "gram+mu", "eta"]}.get(config.method, ["merge"])
+    for name in passes:
+        out = 0 if name == "variance" else write
+        seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write + elems / rate.merge_elems
+                   for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
+        stages.append(StagePlan(name, 1, merge_read, out, seconds))
+    for s in stages:
+        s.seconds = {k: round(v, 3) for k, v in s.seconds.items()}
+    return stages
+
+
+def _group_summary(graph: MergeGraph) -> list[dict]:
+    summary: dict[tuple[str, int], dict] = {}
+    for g in graph.groups.values():
+        entry = summary.setdefault((g.kind, g.size), {"kind": g.kind, "size": g.size, "count": 0,
+                                                      "problems": 0, "batch": list(g.batch)})
+        entry["count"] += 1
+        entry["problems"] += g.problems
+    return list(summary.values())
+
+
+def render(plan: Plan) -> str:
+    """The human-readable plan report."""
+    lines = [
+        f"plan {plan.project_name}: {plan.method} merge of {len(plan.models)} "
+        f"{plan.architecture} models",
+        *(f"  model {i}: {m}" for i, m in enumerate(plan.models)),
+        "",
+        "symmetry groups:",
+        f"  {'kind':<10}{'size':>8}{'count':>8}{'problems':>10}",
+        *(f"  {g['kind']:<10}{g['size']:>8}{g['count']:>8}{g['problems']:>10}" for g in plan.groups),
+        "",
+        f"stages ({len(plan.units)} units each):",
+        f"  {'stage':<10}{'passes':>7}{'read':>12}{'write':>12}{'cpu':>12}{'gpu':>12}",
+    ]
+    for s in plan.stages:
+        lines.append(f"  {s.name:<10}{s.passes:>7}{format_size(s.read_bytes):>12}"
+                     f"{format_size(s.write_bytes):>12}{_duration(s.seconds['cpu']):>12}"
+                     f"{_duration(s.seconds['gpu']):>12}")
+    est = plan.est_seconds
+    lines += [
+        f"  {'total':<10}{'':>7}{format_size(plan.read_bytes):>12}"
+        f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
+        "",
+        f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.stages[-1].write_bytes)}"
+        + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"
+           if plan.write_bytes_max > plan.stages[-1].write_bytes else ""),
+        f"peak RAM {format_size(plan.peak_ram_bytes)} at {plan.peak_unit} "
+        f"(budget {format_size(plan.budget_bytes)})",
+    ]
+    sliced = sum(len(u.sliced) for u in plan.units)
+    if sliced:
+        lines.append(f"{sliced} tensors are processed in row slices to stay inside the budget")
+    lines.append("fits: yes" if plan.fits else f"fits: NO - {plan.reason or 'peak RAM exceeds the budget'}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def check_device(device: str) -> str:
+    if device not in ("cpu", "cuda"):
+        raise PacerError(f"--device must be cpu or cuda, got {device!r}")
+    return device
