@@ -55,6 +55,7 @@ def make_model(family: str, seed: int = 0):
     """A freshly initialised tiny transformers model of ``family`` (fp32, eval mode)."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     config_cls, model_cls, kwargs, _ = FAMILIES[family]
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
@@ -122,6 +123,13 @@ def make_family(family: str, out: Path) -> None:
     permute_folder(base / "ft3", base / "perm", seed=7)
 
 
+def script_digest() -> str:
+    """Fingerprint of this script, so callers can tell stale fixtures from current ones."""
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("fixtures"))
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for family in args.family or list(FAMILIES):
         make_family(family, args.out)
-    stamp = {"families": sorted(args.family or FAMILIES), "noise": NOISE}
+    stamp = {"families": sorted(args.family or FAMILIES), "script": script_digest()}
     (args.out / "FIXTURES.json").write_text(json.dumps(stamp, indent=1) + "\n")
     print(f"wrote tiny fixtures for {', '.join(args.family or FAMILIES)} under {args.out}")
     return 0

@@ -1,0 +1,120 @@
+"""`pacer-stream plan`: the tiny smoke plan and a header-only Llama-3-70B plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import make_header_only
+from pacer_stream.cli import main
+from pacer_stream.config import load_plan
+from pacer_stream.io import sources
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}
+
+
+def _file_tensor_bytes(folder: Path) -> int:
+    """Sum of tensor byte sizes, computed with the safetensors library, not ours."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                n = 1
+                for d in view.get_shape():
+                    n *= d
+                total += n * ITEMSIZE[view.get_dtype()]
+    return total
+
+
+def _plan_json(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["plan", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_tiny_smoke_plan_json(fixtures_dir):
+    plan = _plan_json(str(ROOT / "plans/tiny-smoke.yaml"), "--max-memory", "4GB")
+    for key in ("peak_ram_bytes", "read_bytes", "write_bytes", "units", "groups", "est_seconds",
+                "fits"):
+        assert key in plan
+    config = load_plan(ROOT / "plans/tiny-smoke.yaml")
+    expected = sum(_file_tensor_bytes(m.ref.path) for m in config.models)
+    assert plan["input_bytes"] == expected
+    stages = {s["name"]: s for s in plan["stages"]}
+    assert stages["merge"]["read_bytes"] == expected
+    # every llama tensor carries a permuted axis, so each sweep reads all of them
+    assert stages["align"]["read_bytes"] == config.pacer["max_sweeps"] * expected
+    assert plan["read_bytes"] == sum(s["read_bytes"] for s in plan["stages"])
+    # output: one model's worth at the inputs' dtype
+    assert plan["write_bytes"] == _file_tensor_bytes(config.models[0].ref.path)
+    assert [u["name"] for u in plan["units"]] == ["embed", "block.0", "block.1", "head"]
+    assert plan["fits"] is True and 0 < plan["peak_ram_bytes"] <= 4e9
+    assert set(plan["est_seconds"]) == {"cpu", "gpu"}
+    assert {"kind": "mlp", "size": 128, "count": 2} in [
+        {k: g[k] for k in ("kind", "size", "count")} for g in plan["groups"]]
+
+
+def test_plan_human_report(fixtures_dir):
+    result = CliRunner().invoke(main, ["plan", str(ROOT / "plans/tiny-smoke.yaml")])
+    assert result.exit_code == 0
+    for text in ("symmetry groups", "residual", "align", "merge", "peak RAM", "fits: yes"):
+        assert text in result.output
+
+
+def test_output_dtype_changes_write_bytes(fixtures_dir, tmp_path):
+    models = [fixtures_dir / "qwen2" / n for n in ("ft1", "ft2")]
+    plan = tmp_path / "p.yaml"
+    plan.write_text(f"models: [{models[0]}, {models[1]}]\nmethod: ties\n"
+                    "output: {path: out, dtype: bfloat16}\n")
+    data = _plan_json(str(plan))
+    assert data["write_bytes"] * 2 == _file_tensor_bytes(models[0])  # fp32 -> bf16
+    assert [s["name"] for s in data["stages"]] == ["merge"]
+
+
+@pytest.fixture(scope="module")
+def llama70b(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("l70")
+    for k in range(3):
+        make_header_only.write_model(out / f"m{k}", make_header_only.LLAMA3_70B)
+    (out / "plan.yaml").write_text("project_name: l70\nmodels: [m0, m1, m2]\noutput: {path: out}\n")
+    return out
+
+
+def test_llama3_70b_plan_from_headers(llama70b, monkeypatch):
+    read = []
+    original = sources.LocalFile.read
+    monkeypatch.setattr(sources.LocalFile, "read",
+                        lambda self, off, n: read.append(n) or original(self, off, n))
+    plan = _plan_json(str(llama70b / "plan.yaml"), "--max-memory", "16GB")
+    groups = {(g["kind"], g["size"]): g for g in plan["groups"]}
+    assert groups[("residual", 8192)]["count"] == 1
+    assert groups[("mlp", 28672)]["count"] == 80
+    assert groups[("kv", 8)]["count"] == 80
+    assert groups[("q", 8)]["batch"] == [8] and groups[("q", 8)]["problems"] == 640
+    assert plan["peak_ram_bytes"] < 16e9 and plan["fits"] is True
+    assert plan["input_bytes"] == 3 * 70553706496 * 2  # 70.55B bf16 parameters per model
+    assert len(plan["units"]) == 82
+    # header-only: a few MB of headers read out of 423 GB of checkpoints
+    assert sum(read) < 10 * 2**20
+
+
+def test_llama3_70b_too_small_budget_names_the_unit(llama70b):
+    plan = _plan_json(str(llama70b / "plan.yaml"), "--max-memory", "8GB")
+    assert plan["fits"] is False
+    assert plan["reason"].startswith("block.0: aligning its mlp group needs a 28672x28672")
+
+
+def test_llama3_70b_plan_as_a_process(llama70b):
+    proc = subprocess.run([sys.executable, "-m", "pacer_stream", "plan",
+                           str(llama70b / "plan.yaml"), "--max-memory", "16GB"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fits: yes" in proc.stdout and "28672" in proc.stdout
