@@ -17,9 +17,10 @@ from dataclasses import dataclass
 COMPUTE_ITEMSIZE = 4  # all arithmetic in fp32
 # RSS of a Python process with torch, safetensors and numpy imported, before any tensor.
 PROCESS_BASE_BYTES = 500 * 10**6
-# Per element of a tensor being merged: N fp32 inputs, the consensus and one scratch
-# buffer (DARE mask / sign election), all fp32; plus the output at its own width.
-MERGE_TEMPORARIES = 2
+# Per element of a tensor being merged: N fp32 inputs and four fp32 temporaries (the
+# consensus, the mixed sum, the divisor, one product), a bool mask per input, the
+# output at its own width, and the raw bytes of the next tensor being read ahead.
+MERGE_TEMPORARIES = 4
 # A LAP on an n x n problem: fp32 cost matrix + fp64 copy handed to the solver.
 LAP_BYTES_PER_CELL = 4 + 8
 # Plan to use at most this share of the budget, leaving room for allocator
@@ -32,13 +33,15 @@ def usable(budget: int) -> int:
     return int(budget * HEADROOM) - PROCESS_BASE_BYTES
 
 
-def merge_bytes(numel: int, n_inputs: int, out_itemsize: int) -> int:
+def merge_bytes(numel: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4) -> int:
     """Working set to merge ``numel`` elements from ``n_inputs`` models."""
-    return numel * (COMPUTE_ITEMSIZE * (n_inputs + MERGE_TEMPORARIES) + out_itemsize)
+    per_element = (COMPUTE_ITEMSIZE * (n_inputs + MERGE_TEMPORARIES) + n_inputs + out_itemsize
+                   + n_inputs * in_itemsize)
+    return numel * per_element
 
 
 def rows_per_slice(shape: tuple[int, ...], n_inputs: int, out_itemsize: int,
-                   available: int) -> int | None:
+                   available: int, in_itemsize: int = 4) -> int | None:
     """Rows of a tensor to process at once so the merge fits in ``available`` bytes.
 
     Returns all rows when the whole tensor fits, fewer when it must be sliced, and
@@ -48,7 +51,7 @@ def rows_per_slice(shape: tuple[int, ...], n_inputs: int, out_itemsize: int,
     row_numel = 1
     for dim in shape[1:]:
         row_numel *= dim
-    per_row = merge_bytes(row_numel, n_inputs, out_itemsize)
+    per_row = merge_bytes(row_numel, n_inputs, out_itemsize, in_itemsize)
     if per_row == 0:
         return rows
     fit = available // per_row
@@ -83,3 +86,31 @@ CPU = Throughput(gemm_flops=1.3e11, lap_coeff=2.5e-10, disk_read=1.5e9, disk_wri
 # One H100/H200-class GPU: fp32 GEMM (no TF32) ~5e13 FLOP/s; the LAP stays on the CPU.
 GPU = Throughput(gemm_flops=5e13, lap_coeff=2.5e-10, disk_read=1.5e9, disk_write=1.0e9,
                  merge_elems=2e10)
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """How one tensor is merged: rows per slice and the resulting working set."""
+
+    rows: int  # rows per slice (all rows when the tensor fits whole)
+    total_rows: int
+    bytes: int
+    fits: bool
+
+    @property
+    def sliced(self) -> bool:
+        return self.rows < self.total_rows
+
+
+def plan_tensor(shape: tuple[int, ...], n_inputs: int, out_itemsize: int, in_itemsize: int,
+                budget: int) -> SlicePlan:
+    """The one place that decides slicing, for planner and executor alike."""
+    shape = shape or (1,)  # a scalar is one row of one element
+    rows = rows_per_slice(shape, n_inputs, out_itemsize, usable(budget), in_itemsize)
+    fits = rows is not None
+    rows = rows or 1
+    row_numel = 1
+    for d in shape[1:]:
+        row_numel *= d
+    return SlicePlan(rows, shape[0], merge_bytes(rows * row_numel, n_inputs, out_itemsize,
+                                                 in_itemsize), fits)

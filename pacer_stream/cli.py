@@ -57,5 +57,41 @@ def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) ->
         click.echo(render(report))
 
 
+@main.command()
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--shard-size", "shard_size", help="Output shard size, e.g. 5GB (default: the plan's).")
+@click.option("--state-dir", "state_dir", type=click.Path(path_type=Path),
+              help="Where to keep the resumable run state (default: inside the output folder).")
+@click.option("--restart", is_flag=True, help="Discard an unfinished run of a different plan.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@click.option("--allow-nonfinite", "allow_nonfinite", is_flag=True,
+              help="Merge tensors that contain NaN or Inf instead of refusing.")
+@click.option("--quiet", is_flag=True, help="No progress bars and no summary line.")
+def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | None,
+        state_dir: Path | None, restart: bool, force: bool, allow_nonfinite: bool,
+        quiet: bool) -> None:
+    """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption."""
+    from .config import load_plan
+    from .executor import RunOptions, run_merge
+
+    options = RunOptions(
+        budget=parse_size(max_memory, "--max-memory") if max_memory else None,
+        device=device,
+        shard_size=parse_size(shard_size, "--shard-size") if shard_size else None,
+        state_dir=state_dir.resolve() if state_dir else None,
+        restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
+    )
+    try:
+        summary = run_merge(load_plan(plan_file), options)
+    except KeyboardInterrupt:
+        click.echo("pacer-stream: interrupted; finished units are saved, re-run the same "
+                   "command to resume", err=True)
+        sys.exit(130)
+    if not quiet:
+        click.echo(summary.line())
+
+
 if __name__ == "__main__":
     sys.exit(main())

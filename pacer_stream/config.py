@@ -37,7 +37,7 @@ TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "paramet
             "seed")
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
-PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "epsilon", "parity")
+PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
 PACER_DEFAULTS: dict[str, Any] = {
     "interference_threshold": 0.35,  # gamma: upcycle an MLP block whose conflict exceeds it
     "top_k_experts": 2,

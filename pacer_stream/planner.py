@@ -151,20 +151,17 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
                     0, 0, 0.0, 0, 0.0)
 
     # Merge: the largest tensor's working set, sliced by rows if it must be.
-    available = acct.usable(budget)
     merge_peak = 0
     for t in unit.tensors:
         info = inputs[0].tensors[t]
         out_size = DTYPES[out_dtype or info.dtype][1]
-        rows = acct.rows_per_slice(info.shape, len(inputs), out_size, available)
-        if rows is None:
+        slices = acct.plan_tensor(info.shape, len(inputs), out_size, info.itemsize, budget)
+        if not slices.fits and plan.problem is None:
             plan.problem = (f"{unit.name}: one row of {t} needs more than the "
-                            f"{format_size(available)} the budget leaves for merging")
-            rows = 1
-        elif info.shape and rows < info.shape[0]:
-            plan.sliced[t] = rows
-        merge_peak = max(merge_peak, acct.merge_bytes(info.numel // max(info.shape[0], 1) * rows
-                                                      if info.shape else 1, len(inputs), out_size))
+                            f"{format_size(acct.usable(budget))} the budget leaves for merging")
+        if slices.sliced:
+            plan.sliced[t] = slices.rows
+        merge_peak = max(merge_peak, slices.bytes)
     plan.merge_ram_bytes = acct.PROCESS_BASE_BYTES + merge_peak
     if not aligning:
         return plan

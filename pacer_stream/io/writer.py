@@ -1,0 +1,188 @@
+"""Writing the merged checkpoint: shards laid out up front, filled unit by unit.
+
+The layout (which tensor goes to which shard, at which offset) is a pure function
+of the output tensors' names, dtypes and shapes and the shard size, so every run
+of the same plan writes the same bytes. Each shard is written to a hidden
+``.<name>.partial`` file whose header is final from the start; tensors are
+written at their offsets as units finish; the executor fsyncs a unit's shards
+before it marks the unit done; a shard is renamed to its real name only when all
+its tensors are written. A crash therefore leaves no file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import PacerError
+from .header import DTYPES, DTYPE_NAMES
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    file: str
+    tensors: list[OutTensor] = field(default_factory=list)
+    header: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute offset of each tensor
+
+    @property
+    def partial(self) -> str:
+        return f".{self.file}.partial"
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
+    """Pack tensors, in order, into shards of at most ``shard_size`` bytes of data.
+
+    A tensor larger than the shard size gets a shard of its own.
+    """
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    count = len(groups)
+    shards = []
+    for i, group in enumerate(groups, start=1):
+        name = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+        shards.append(_with_header(Shard(name, group)))
+    return shards
+
+
+def _with_header(shard: Shard) -> Shard:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    relative = {}
+    for t in shard.tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                           "data_offsets": [offset, offset + t.nbytes]}
+        relative[t.name] = offset
+        offset += t.nbytes
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    shard.header = struct.pack("<Q", len(blob)) + blob
+    shard.offsets = {name: len(shard.header) + off for name, off in relative.items()}
+    return shard
+
+
+class ShardWriter:
+    """Writes tensors (or row ranges of them) into their shards' partial files."""
+
+    def __init__(self, out_dir: Path, shards: list[Shard]) -> None:
+        self.out_dir = out_dir
+        self.shards = shards
+        self.where = {t.name: (s, t) for s in shards for t in s.tensors}
+        self._fds: dict[str, int] = {}
+        self.dirty: set[str] = set()
+
+    def _fd(self, shard: Shard) -> int:
+        if shard.file not in self._fds:
+            path = self.out_dir / shard.partial
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise PacerError(f"{path}: cannot create ({exc.strerror})") from None
+            self._pwrite(fd, shard.header, 0, shard)
+            self._fds[shard.file] = fd
+        return self._fds[shard.file]
+
+    def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
+        """Write ``data`` (already in the output dtype) as rows from ``first_row`` on."""
+        shard, info = self.where[name]
+        if DTYPE_NAMES[data.dtype] != info.dtype:
+            raise AssertionError(f"{name}: writing {data.dtype} into a {info.dtype} slot")
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._pwrite(self._fd(shard), memoryview(raw), shard.offsets[name] + first_row * row_bytes,
+                     shard)
+        self.dirty.add(shard.file)
+
+    def _pwrite(self, fd: int, data, offset: int, shard: Shard) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise PacerError(f"{self.out_dir / shard.partial}: write failed ({exc.strerror}); "
+                             "free space or fix the disk, then re-run the same command to "
+                             "resume") from None
+
+    def sync(self) -> None:
+        """fsync every shard written since the last sync."""
+        for file in sorted(self.dirty):
+            try:
+                os.fsync(self._fds[file])
+            except OSError as exc:
+                raise PacerError(f"{self.out_dir / file}: fsync failed ({exc.strerror})") from None
+        self.dirty.clear()
+
+    def finish(self, shard: Shard) -> None:
+        """Rename a fully written shard to its real name (atomic)."""
+        fd = self._fds.pop(shard.file, None)
+        if fd is None:  # all its tensors were written by an earlier, interrupted run
+            fd = os.open(self.out_dir / shard.partial, os.O_RDWR)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(self.out_dir / shard.partial, self.out_dir / shard.file)
+        fsync_dir(self.out_dir)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def write_index(self) -> None:
+        if len(self.shards) == 1:
+            return
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s.tensors)},
+            "weight_map": {t.name: s.file for s in self.shards for t in s.tensors},
+        }
+        write_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a small file via a temporary name and rename, so it is whole or absent."""
+    tmp = path.with_name(f".{path.name}.partial")
+    data = text.encode() if isinstance(text, str) else text
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Merge methods: how N aligned copies of one tensor become one."""

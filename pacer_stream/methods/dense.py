@@ -1,0 +1,186 @@
+"""Dense merge methods: linear, task arithmetic, TIES, DARE (linear and TIES).
+
+All of them, for one tensor with N model copies X_k and weights w_k::
+
+    B     = base model, or the consensus mean(X_k) when no base is given
+    D_k   = X_k - B                                   (task vectors)
+    D_k  <- sparsify(D_k)                              (TIES: top-k magnitude;
+                                                        DARE: random drop + rescale)
+    W_k   = w_k * D_k                                  (weights apply before election)
+    TIES: keep W_k where sign(W_k) == sign(sum_k W_k)  (a zero sum counts as +)
+    out   = B + lambda * sum(W_k) / (normalize ? sum of kept w_k : 1)
+
+``linear`` is sum(w_k X_k) / sum(w_k). Semantics follow mergekit's
+generalized task arithmetic where it has the method, with one documented
+difference: DARE rescales kept entries by 1/density as in the DARE paper;
+``rescale: l1`` gives mergekit's L1-norm-ratio rescaling instead.
+
+A :class:`TensorMerge` sees a tensor in row slices and may need observation passes
+before merging (exact magnitude thresholds, L1 sums), so results never depend on
+how a tensor was sliced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PacerError
+from .sparsify import MagnitudeSelect, dare_keep
+
+RESCALES = ("inverse_density", "l1", "none")
+L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A dense method, as data."""
+
+    name: str
+    sparsify: str | None  # "magnitude" (TIES) | "random" (DARE) | None
+    consensus: bool  # TIES sign election
+    normalize: bool  # default: divide by the (kept) weights
+    rescale: str = "none"  # default DARE rescaling
+    linear: bool = False  # average the models themselves, no task vectors
+
+
+METHODS: dict[str, MethodDef] = {
+    "linear": MethodDef("linear", None, False, True, linear=True),
+    "task_arithmetic": MethodDef("task_arithmetic", None, False, False),
+    "ties": MethodDef("ties", "magnitude", True, True),
+    "dare_linear": MethodDef("dare_linear", "random", False, False, "inverse_density"),
+    "dare_ties": MethodDef("dare_ties", "random", True, False, "inverse_density"),
+}
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Resolved parameters of one merge (per-model lists have one entry per model)."""
+
+    method: MethodDef
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    lam: float = 1.0
+    normalize: bool = True
+    rescale: str = "none"
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, method: str, models, parameters: dict, seed: int) -> "MethodParams":
+        """From a plan: per-model values win over plan-level ``parameters``."""
+        if method not in METHODS:
+            raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
+        mdef = METHODS[method]
+        weight = parameters.get("weight", 1.0)
+        density = parameters.get("density", 1.0)
+        weights = tuple(float(m.weight if m.weight is not None else weight) for m in models)
+        densities = tuple(float(m.density if m.density is not None else density) for m in models)
+        for d in densities:
+            if not 0 < d <= 1:
+                raise PacerError(f"parameters: density must be in (0, 1], got {d}")
+        rescale = parameters.get("rescale", mdef.rescale)
+        if rescale not in RESCALES:
+            raise PacerError(f"parameters.rescale: expected one of {', '.join(RESCALES)}, "
+                             f"got {rescale!r}")
+        normalize = parameters.get("normalize", mdef.normalize)
+        if not isinstance(normalize, bool):
+            raise PacerError(f"parameters.normalize must be true or false, got {normalize!r}")
+        lam = parameters.get("lambda", 1.0)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise PacerError(f"parameters.lambda must be a number, got {lam!r}")
+        if normalize and abs(sum(weights)) < 1e-8 and mdef.linear:
+            raise PacerError("parameters: model weights sum to zero; cannot normalize")
+        return cls(mdef, weights, densities, float(lam), normalize, rescale, seed)
+
+
+class TensorMerge:
+    """Merges one tensor, slice by slice, after any observation passes it needs."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], params: MethodParams) -> None:
+        self.name, self.shape, self.p = name, shape, params
+        self.device = torch.device("cpu")
+        numel = 1
+        for d in shape:
+            numel *= d
+        m = params.method
+        self.select = [MagnitudeSelect(numel, d) for d in params.densities] \
+            if m.sparsify == "magnitude" else None
+        self.l1 = None
+        if m.sparsify == "random" and params.rescale == "l1":
+            n = len(params.weights)
+            self.l1 = torch.zeros(2, n, dtype=torch.float64)  # (before, after) per model
+
+    @property
+    def passes(self) -> list[str]:
+        """Observation passes needed before :meth:`merge`."""
+        if self.select is not None:
+            return ["magnitude-high", "magnitude-low"]
+        return ["l1-norms"] if self.l1 is not None else []
+
+    def observe(self, pass_name: str, rows: tuple[int, int], x: torch.Tensor,
+                base: torch.Tensor | None) -> None:
+        self.device = x.device
+        deltas = x - (base if base is not None else x.mean(0))
+        for k in range(deltas.shape[0]):
+            if pass_name == "magnitude-high":
+                self.select[k].observe_high(deltas[k])
+            elif pass_name == "magnitude-low":
+                self.select[k].observe_low(deltas[k])
+            else:
+                keep = self._dare(rows, k)
+                self.l1[0, k] += deltas[k].abs().sum(dtype=torch.float64)
+                self.l1[1, k] += (deltas[k] * keep).abs().sum(dtype=torch.float64)
+
+    def merge(self, rows: tuple[int, int], x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """x: [N, rows, ...] fp32 (consumed), base: [rows, ...] fp32 or None -> merged rows."""
+        p, m = self.p, self.p.method
+        n = x.shape[0]
+        self.device = x.device
+        if m.linear:
+            out = torch.zeros_like(x[0])
+            for k in range(n):
+                out.add_(x[k], alpha=p.weights[k])
+            return out / sum(p.weights) if p.normalize else out
+        anchor = base if base is not None else x.mean(0)
+        x.sub_(anchor)  # x now holds the task vectors D_k
+        if m.sparsify == "magnitude":
+            for k in range(n):
+                x[k].mul_(self.select[k].mask(x[k]))
+        elif m.sparsify == "random":
+            for k in range(n):
+                if p.densities[k] < 1:
+                    x[k].mul_(self._dare(rows, k)).mul_(self._dare_scale(k))
+        for k in range(n):
+            x[k].mul_(p.weights[k])
+        if m.consensus:
+            majority = x.sum(0) >= 0
+            mixed = torch.zeros_like(anchor)
+            divisor = torch.zeros_like(anchor)
+            for k in range(n):
+                agree = (x[k] > 0) == majority
+                agree &= x[k] != 0  # sign(0) agrees with neither side
+                mixed.add_(x[k] * agree)
+                divisor.add_(agree, alpha=p.weights[k])
+            divisor[divisor == 0] = 1
+        else:
+            mixed = x.sum(0)
+            total = sum(p.weights)
+            divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+        if p.normalize:
+            mixed /= divisor
+        if p.lam != 1:
+            mixed *= p.lam
+        return anchor + mixed
+
+    def _dare(self, rows: tuple[int, int], k: int) -> torch.Tensor:
+        shape = self.shape if self.shape else (1,)
+        return dare_keep(shape, rows, self.p.densities[k], self.p.seed, self.name, k).to(self.device)
+
+    def _dare_scale(self, k: int) -> float:
+        if self.p.rescale == "inverse_density":
+            return 1.0 / self.p.densities[k]
+        if self.p.rescale == "l1":
+            before, after = float(self.l1[0, k]), float(self.l1[1, k])
+            return before / after if before >= L1_EPS and after >= L1_EPS else 1.0
+        return 1.0

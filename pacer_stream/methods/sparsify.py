@@ -1,0 +1,111 @@
+"""Sparsifying task vectors: magnitude top-k (TIES) and random drop (DARE).
+
+Both work on a tensor one row slice at a time and give the same answer whatever
+the slicing, so a merge is identical under any memory budget:
+
+* Magnitude: the k-th largest |delta| is found exactly by a two-level radix select
+  over the float32 bit patterns (non-negative floats sort like their bits), from
+  histograms that can be accumulated slice by slice. Elements above the threshold
+  are kept; of those equal to it, the first ones in flat index order, so exactly
+  k = max(1, int(density * numel)) survive (mergekit's count).
+* Random: a keep mask drawn from a generator seeded by (seed, tensor, model, row
+  block): the same bits on every run, device, slicing and resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+HIST_BINS = 1 << 16
+MASK_BLOCK_ELEMS = 1 << 20  # rows per DARE seed block: about a million elements
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many elements magnitude pruning keeps (0 only for empty tensors)."""
+    if numel == 0:
+        return 0
+    return numel if density >= 1 else max(1, int(density * numel))
+
+
+class MagnitudeSelect:
+    """Exact streaming top-k by magnitude for one model's delta of one tensor.
+
+    Feed every slice to :meth:`observe_high`, then every slice to
+    :meth:`observe_low`, then call :meth:`mask` on the slices in order.
+    """
+
+    def __init__(self, numel: int, density: float) -> None:
+        self.k = keep_count(density, numel)
+        self.keep_all = self.k >= numel
+        self.high = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self.low = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self.bin: int | None = None
+        self.threshold: int | None = None
+        self.ties_left = 0
+
+    @staticmethod
+    def _bits(delta: torch.Tensor) -> torch.Tensor:
+        return delta.abs().float().contiguous().view(torch.int32).reshape(-1)
+
+    def observe_high(self, delta: torch.Tensor) -> None:
+        if not self.keep_all:
+            self.high += torch.bincount(self._bits(delta) >> 16, minlength=HIST_BINS).cpu()
+
+    def observe_low(self, delta: torch.Tensor) -> None:
+        if self.keep_all:
+            return
+        if self.bin is None:
+            self.bin, self.k_in_bin = _select(self.high, self.k)
+        bits = self._bits(delta)
+        inside = bits[(bits >> 16) == self.bin] & 0xFFFF
+        self.low += torch.bincount(inside, minlength=HIST_BINS).cpu()
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """Keep-mask for the next slice, in order."""
+        if self.keep_all:
+            return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+        if self.threshold is None:
+            low_bin, self.ties_left = _select(self.low, self.k_in_bin)
+            self.threshold = (self.bin << 16) | low_bin
+        bits = self._bits(delta)
+        keep = bits > self.threshold
+        equal = bits == self.threshold
+        if self.ties_left > 0 and bool(equal.any()):
+            take = equal & (torch.cumsum(equal, 0) <= self.ties_left)
+            self.ties_left -= int(take.sum())
+            keep |= take
+        return keep.reshape(delta.shape)
+
+
+def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and k's rank inside that bin."""
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count in bins >= b
+    b = int(torch.nonzero(above >= k).max())
+    strictly_above = int(above[b + 1]) if b + 1 < len(hist) else 0
+    return b, k - strictly_above
+
+
+def dare_keep(shape: tuple[int, ...], rows: tuple[int, int], density: float, seed: int,
+              tensor: str, model: int) -> torch.Tensor:
+    """DARE keep-mask for rows [start, stop) of a tensor (same bits for any slicing)."""
+    start, stop = rows
+    row_numel = 1
+    for d in shape[1:]:
+        row_numel *= d
+    block_rows = max(1, MASK_BLOCK_ELEMS // max(row_numel, 1))
+    parts = []
+    for block in range(start // block_rows, (stop - 1) // block_rows + 1 if stop > start else 0):
+        b0, b1 = block * block_rows, min((block + 1) * block_rows, shape[0] if shape else 1)
+        gen = torch.Generator().manual_seed(_seed(seed, tensor, model, block))
+        draw = torch.rand((b1 - b0, *shape[1:]), generator=gen) < density
+        parts.append(draw[max(start, b0) - b0:min(stop, b1) - b0])
+    if not parts:
+        return torch.zeros((0, *shape[1:]), dtype=torch.bool)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _seed(seed: int, tensor: str, model: int, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{tensor}\0{model}\0{block}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
