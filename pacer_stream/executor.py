@@ -102,8 +102,23 @@ class RssMonitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        # the kernel's own high-water mark catches spikes between samples
-        self.peak = max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.peak = max(self.peak, peak_rss())
+
+
+def peak_rss() -> int:
+    """The kernel's high-water mark of this process's RSS (catches spikes between samples).
+
+    VmHWM belongs to the current address space, so unlike ``ru_maxrss`` it does not
+    inherit the RSS of the parent that forked this process.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
@@ -245,8 +260,7 @@ class MergeJob:
             "this_run": {"units_done": self.summary.units_done,
                          "units_skipped": self.summary.units_skipped,
                          "read_bytes": self.summary.read_bytes,
-                         "peak_rss_bytes": max(self.summary.peak_rss,
-                                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)},
+                         "peak_rss_bytes": max(self.summary.peak_rss, peak_rss())},
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
         }
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")

@@ -46,13 +46,11 @@ def test_tiny_smoke_plan_json(fixtures_dir):
                 "fits"):
         assert key in plan
     config = load_plan(ROOT / "plans/tiny-smoke.yaml")
-    expected = sum(_file_tensor_bytes(m.ref.path) for m in config.models)
+    folders = [m.ref.path for m in config.models] + [config.base_model.path]
+    expected = sum(_file_tensor_bytes(f) for f in folders)
     assert plan["input_bytes"] == expected
-    stages = {s["name"]: s for s in plan["stages"]}
-    assert stages["merge"]["read_bytes"] == expected
-    # every llama tensor carries a permuted axis, so each sweep reads all of them
-    assert stages["align"]["read_bytes"] == config.pacer["max_sweeps"] * expected
-    assert plan["read_bytes"] == sum(s["read_bytes"] for s in plan["stages"])
+    assert [s["name"] for s in plan["stages"]] == ["merge"]
+    assert plan["read_bytes"] == expected
     # output: one model's worth at the inputs' dtype
     assert plan["write_bytes"] == _file_tensor_bytes(config.models[0].ref.path)
     assert [u["name"] for u in plan["units"]] == ["embed", "block.0", "block.1", "head"]
@@ -62,10 +60,24 @@ def test_tiny_smoke_plan_json(fixtures_dir):
         {k: g[k] for k in ("kind", "size", "count")} for g in plan["groups"]]
 
 
+def test_pacer_plan_counts_alignment_sweeps(fixtures_dir, tmp_path):
+    models = [fixtures_dir / "llama" / n for n in ("ft1", "ft2", "perm")]
+    plan_file = tmp_path / "p.yaml"
+    plan_file.write_text("models: [" + ", ".join(map(str, models)) + "]\nmethod: pacer\n"
+                         "pacer: {max_sweeps: 2}\n")
+    plan = _plan_json(str(plan_file))
+    expected = sum(_file_tensor_bytes(m) for m in models)
+    stages = {s["name"]: s for s in plan["stages"]}
+    # every llama tensor carries a permuted axis, so each sweep reads all of them
+    assert stages["align"]["read_bytes"] == 2 * expected and stages["align"]["passes"] == 2
+    assert stages["merge"]["read_bytes"] == expected
+    assert plan["read_bytes"] == 3 * expected
+
+
 def test_plan_human_report(fixtures_dir):
     result = CliRunner().invoke(main, ["plan", str(ROOT / "plans/tiny-smoke.yaml")])
     assert result.exit_code == 0
-    for text in ("symmetry groups", "residual", "align", "merge", "peak RAM", "fits: yes"):
+    for text in ("symmetry groups", "residual", "merge", "peak RAM", "fits: yes"):
         assert text in result.output
 
 

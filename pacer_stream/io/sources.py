@@ -80,8 +80,15 @@ class LocalFile:
         return self.path.stat().st_size
 
     def read(self, offset: int, length: int) -> bytes:
+        chunks, done = [], 0
         with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), length, offset)
+            while done < length:  # one pread moves at most ~2 GiB on Linux
+                chunk = os.pread(f.fileno(), length - done, offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) != length:
             raise PacerError(f"{self.name}: short read at byte {offset}; the file is truncated")
         return data
@@ -256,11 +263,18 @@ class HubRepo(ModelFiles):
             return True
         if hub_offline():
             return name in self.list()
-        try:  # one byte tells whether the file exists, without listing the repository
-            RemoteFile(self.repo_id, name, self.revision).read(0, 1)
-        except PacerError:
+        # One byte tells whether the file exists, without listing the repository. Only a 404
+        # means it does not: a network error or a refusal must not pass for a missing file.
+        status, _, _ = http_range_get(RemoteFile(self.repo_id, name, self.revision).url, 0, 0)
+        if status in (200, 206, 416):  # 416: the file exists but is empty
+            return True
+        if status == 404:
             return False
-        return True
+        raise PacerError(
+            f"{self.label}/{name}: hub request failed with HTTP {status}"
+            + ("; the repository is private or gated, or does not exist: check the id and your "
+               "token (HF_TOKEN)" if status in (401, 403) else "")
+        )
 
     def open(self, name: str) -> "LocalFile | RemoteFile":
         name = check_relative(self.label, name)
