@@ -295,27 +295,26 @@ class MergeJob:
         total = plan.total_rows
         ranges = [(r, min(r + plan.rows, total)) for r in range(0, total, plan.rows)]
         read = 0
-        cached = None
-        if raw is not None:  # whole tensor already read ahead
-            cached = self._to_compute(name, raw, check=True)
+        split = None
+        if raw is not None:  # whole tensor already read ahead: split once, keep for all passes
+            split = merge.split(*self._to_compute(name, raw, check=True))
             read += sum(c.numel() * c.element_size() for c in raw)
-        for pass_name in merge.passes:
-            for k, rows in enumerate(ranges):
-                x, base = cached if cached is not None else self._load(name, rows, check=False)
-                if cached is None:
+        if split is not None:
+            merge.observe_whole(split[1])
+        else:
+            for pass_name in merge.passes:
+                for rows in ranges:
                     read += self._nbytes(name, rows)
-                merge.observe(pass_name, rows, x, base)
+                    merge.observe(pass_name, rows, merge.split(*self._load(name, rows, check=False))[1])
         for rows in ranges:
-            if cached is not None:
-                x, base = cached
-            else:
-                x, base = self._load(name, rows, check=True)
+            if raw is None:
+                split = merge.split(*self._load(name, rows, check=True))
                 read += self._nbytes(name, rows)
-            merged = merge.merge(rows, x, base)
+            merged = merge.merge(rows, *split)
+            split = None
             result = merged.to(DTYPES[out.dtype][0]).cpu()
             writer.write(name, result.reshape(rows[1] - rows[0], *info.shape[1:])
                          if info.shape else result.reshape(()), first_row=rows[0])
-            cached = None
         self.summary.read_bytes += read
         return read
 
@@ -330,16 +329,22 @@ class MergeJob:
         return self._to_compute(name, raw, check)
 
     def _to_compute(self, name: str, raw: list[torch.Tensor], check: bool):
-        """Stack the models' copies as fp32 [N, ...] on the device; base separately."""
-        if check and not self.options.allow_nonfinite:
-            for index, tensor in zip(self.inputs, raw):
-                if not bool(torch.isfinite(tensor).all()):
-                    raise PacerError(f"{index.label}: tensor {name!r} contains NaN or Inf; fix "
-                                     "the checkpoint or pass --allow-nonfinite to merge it anyway")
+        """The models' copies as one fp32 [N, ...] tensor on the device; the base apart."""
         n = len(self.models.models)
         flat = [t.reshape(1, -1) if t.dim() == 0 else t for t in raw]
-        x = torch.stack([t.to(self.device, torch.float32) for t in flat[:n]])
+        x = torch.empty((n, *flat[0].shape), dtype=torch.float32, device=self.device)
+        for k in range(n):
+            x[k].copy_(flat[k])  # converts to fp32 in the copy, no intermediate
         base = flat[n].to(self.device, torch.float32) if len(flat) > n else None
+        if check and not self.options.allow_nonfinite:
+            for k, index in enumerate(self.inputs):
+                values = x[k] if k < n else base
+                if values.numel() == 0:
+                    continue
+                low, high = torch.aminmax(values)  # NaN propagates; Inf shows at an end
+                if not (torch.isfinite(low) and torch.isfinite(high)):
+                    raise PacerError(f"{index.label}: tensor {name!r} contains NaN or Inf; fix "
+                                     "the checkpoint or pass --allow-nonfinite to merge it anyway")
         return x, base
 
     def _check_equal(self, name: str, copies: list[torch.Tensor]) -> None:

@@ -213,14 +213,15 @@ def test_mergekit_parity_when_installed():
     """Where mergekit is importable, its sparsify/get_mask agree with ours element for element."""
     mk = pytest.importorskip("mergekit.sparsify")
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
-    from pacer_stream.methods.sparsify import MagnitudeSelect
+    from pacer_stream.methods.sparsify import MagnitudeSelect, magnitude_bits
 
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(64, 33, generator=gen)
     select = MagnitudeSelect(delta.numel(), 0.3)
-    select.observe_high(delta)
-    select.observe_low(delta)
-    assert torch.equal(delta * select.mask(delta), mk.magnitude(delta, 0.3))
+    select.observe_high(magnitude_bits(delta))
+    select.observe_low(magnitude_bits(delta))
+    mask = select.mask(magnitude_bits(delta)).reshape(delta.shape)
+    assert torch.equal(delta * mask, mk.magnitude(delta, 0.3))
     stack = torch.randn(3, 50, generator=gen)
     mask = gta.get_mask(stack, method="sum")
     majority = stack.sum(0) >= 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PacerError
-from .sparsify import MagnitudeSelect, dare_keep
+from .sparsify import MagnitudeSelect, dare_keep, magnitude_bits
 
 RESCALES = ("inverse_density", "l1", "none")
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
@@ -95,21 +95,26 @@ class MethodParams:
 
 
 class TensorMerge:
-    """Merges one tensor, slice by slice, after any observation passes it needs."""
+    """Merges one tensor, slice by slice, after any observation passes it needs.
+
+    The executor calls, for every slice: ``anchor, d = split(x, base)`` (in place:
+    ``x`` becomes the task vectors), then ``observe(pass, rows, d)`` for each of
+    :attr:`passes`, then ``merge(rows, anchor, d)``. A tensor that fits the budget
+    is one slice, split once and kept in memory across the passes.
+    """
 
     def __init__(self, name: str, shape: tuple[int, ...], params: MethodParams) -> None:
         self.name, self.shape, self.p = name, shape, params
-        self.device = torch.device("cpu")
         numel = 1
         for d in shape:
             numel *= d
         m = params.method
         self.select = [MagnitudeSelect(numel, d) for d in params.densities] \
             if m.sparsify == "magnitude" else None
+        self._bits: list[torch.Tensor] | None = None
         self.l1 = None
         if m.sparsify == "random" and params.rescale == "l1":
-            n = len(params.weights)
-            self.l1 = torch.zeros(2, n, dtype=torch.float64)  # (before, after) per model
+            self.l1 = torch.zeros(2, len(params.weights), dtype=torch.float64)  # before, after
 
     @property
     def passes(self) -> list[str]:
@@ -118,64 +123,82 @@ class TensorMerge:
             return ["magnitude-high", "magnitude-low"]
         return ["l1-norms"] if self.l1 is not None else []
 
-    def observe(self, pass_name: str, rows: tuple[int, int], x: torch.Tensor,
-                base: torch.Tensor | None) -> None:
-        self.device = x.device
-        deltas = x - (base if base is not None else x.mean(0))
-        for k in range(deltas.shape[0]):
-            if pass_name == "magnitude-high":
-                self.select[k].observe_high(deltas[k])
-            elif pass_name == "magnitude-low":
-                self.select[k].observe_low(deltas[k])
-            else:
-                keep = self._dare(rows, k)
-                self.l1[0, k] += deltas[k].abs().sum(dtype=torch.float64)
-                self.l1[1, k] += (deltas[k] * keep).abs().sum(dtype=torch.float64)
-
-    def merge(self, rows: tuple[int, int], x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        """x: [N, rows, ...] fp32 (consumed), base: [rows, ...] fp32 or None -> merged rows."""
-        p, m = self.p, self.p.method
-        n = x.shape[0]
-        self.device = x.device
-        if m.linear:
-            out = torch.zeros_like(x[0])
-            for k in range(n):
-                out.add_(x[k], alpha=p.weights[k])
-            return out / sum(p.weights) if p.normalize else out
+    def split(self, x: torch.Tensor, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchor, task vectors): x [N, ...] fp32 is turned into x - anchor in place."""
+        if self.p.method.linear:
+            return torch.zeros(()), x  # linear works on the models themselves
         anchor = base if base is not None else x.mean(0)
-        x.sub_(anchor)  # x now holds the task vectors D_k
+        return anchor, x.sub_(anchor)
+
+    def observe_whole(self, d: torch.Tensor) -> None:
+        """All observation passes over a whole tensor (one slice), sharing the work."""
+        if self.select is not None:
+            self._bits = []
+            for k in range(d.shape[0]):
+                bits = magnitude_bits(d[k])
+                self.select[k].observe_high(bits)
+                self.select[k].observe_low(bits)
+                self._bits.append(bits)  # reused by merge() for the mask
+        for pass_name in self.passes:
+            if pass_name == "l1-norms":
+                self.observe(pass_name, (0, self.shape[0] if self.shape else 1), d)
+
+    def observe(self, pass_name: str, rows: tuple[int, int], d: torch.Tensor) -> None:
+        for k in range(d.shape[0]):
+            if pass_name == "magnitude-high":
+                self.select[k].observe_high(magnitude_bits(d[k]))
+            elif pass_name == "magnitude-low":
+                self.select[k].observe_low(magnitude_bits(d[k]))
+            else:
+                keep = self._dare(rows, k, d.device)
+                self.l1[0, k] += d[k].abs().sum(dtype=torch.float64).item()
+                self.l1[1, k] += (d[k] * keep).abs().sum(dtype=torch.float64).item()
+
+    def merge(self, rows: tuple[int, int], anchor: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Merged rows (fp32) from the split of one slice; ``d`` is consumed."""
+        p, m = self.p, self.p.method
+        n = d.shape[0]
+        if m.linear:  # here d holds the models themselves
+            out = d[0] * p.weights[0]
+            for k in range(1, n):
+                out.add_(d[k], alpha=p.weights[k])
+            return out.div_(sum(p.weights)) if p.normalize else out
         if m.sparsify == "magnitude":
+            bits, self._bits = self._bits, None
             for k in range(n):
-                x[k].mul_(self.select[k].mask(x[k]))
+                mask = self.select[k].mask(bits[k] if bits else magnitude_bits(d[k]))
+                d[k].mul_(mask.reshape(d[k].shape))
         elif m.sparsify == "random":
             for k in range(n):
                 if p.densities[k] < 1:
-                    x[k].mul_(self._dare(rows, k)).mul_(self._dare_scale(k))
+                    d[k].mul_(self._dare(rows, k, d.device)).mul_(self._dare_scale(k))
         for k in range(n):
-            x[k].mul_(p.weights[k])
+            if p.weights[k] != 1:
+                d[k].mul_(p.weights[k])
         if m.consensus:
-            majority = x.sum(0) >= 0
-            mixed = torch.zeros_like(anchor)
-            divisor = torch.zeros_like(anchor)
-            for k in range(n):
-                agree = (x[k] > 0) == majority
-                agree &= x[k] != 0  # sign(0) agrees with neither side
-                mixed.add_(x[k] * agree)
-                divisor.add_(agree, alpha=p.weights[k])
+            # Keep entries whose sign matches the weighted sum's (a zero sum counts as +;
+            # zeros agree with neither side). With s = that sign, an entry agrees iff
+            # s * W_k > 0, so the kept sum is s * sum_k relu(s * W_k): float ops only.
+            s = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+            agreeing = d.mul_(s).clamp_min_(0)
+            mixed = agreeing.sum(0).mul_(s)
+            weights = torch.tensor(p.weights, dtype=d.dtype, device=d.device)
+            divisor = agreeing.sign_().mul_(weights.reshape(-1, *[1] * (d.dim() - 1))).sum(0)
             divisor[divisor == 0] = 1
         else:
-            mixed = x.sum(0)
+            mixed = d.sum(0)
             total = sum(p.weights)
             divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
         if p.normalize:
             mixed /= divisor
         if p.lam != 1:
             mixed *= p.lam
-        return anchor + mixed
+        return mixed.add_(anchor)
 
-    def _dare(self, rows: tuple[int, int], k: int) -> torch.Tensor:
+    def _dare(self, rows: tuple[int, int], k: int, device: torch.device) -> torch.Tensor:
         shape = self.shape if self.shape else (1,)
-        return dare_keep(shape, rows, self.p.densities[k], self.p.seed, self.name, k).to(self.device)
+        keep = dare_keep(shape, rows, self.p.densities[k], self.p.seed, self.name, k)
+        return keep.reshape(-1, *shape[1:]).to(device)
 
     def _dare_scale(self, k: int) -> float:
         if self.p.rescale == "inverse_density":

@@ -32,51 +32,54 @@ def keep_count(density: float, numel: int) -> int:
 class MagnitudeSelect:
     """Exact streaming top-k by magnitude for one model's delta of one tensor.
 
-    Feed every slice to :meth:`observe_high`, then every slice to
-    :meth:`observe_low`, then call :meth:`mask` on the slices in order.
+    Feed the bits (:func:`magnitude_bits`) of every slice to :meth:`observe_high`,
+    then of every slice to :meth:`observe_low`, then call :meth:`mask` on the
+    slices in order. A whole tensor is simply one slice.
     """
 
     def __init__(self, numel: int, density: float) -> None:
         self.k = keep_count(density, numel)
         self.keep_all = self.k >= numel
-        self.high = torch.zeros(HIST_BINS, dtype=torch.int64)
-        self.low = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self.high: torch.Tensor | int = 0  # histograms, allocated by the first bincount
+        self.low: torch.Tensor | int = 0
         self.bin: int | None = None
+        self.k_in_bin = 0
         self.threshold: int | None = None
         self.ties_left = 0
 
-    @staticmethod
-    def _bits(delta: torch.Tensor) -> torch.Tensor:
-        return delta.abs().float().contiguous().view(torch.int32).reshape(-1)
-
-    def observe_high(self, delta: torch.Tensor) -> None:
+    def observe_high(self, bits: torch.Tensor) -> None:
         if not self.keep_all:
-            self.high += torch.bincount(self._bits(delta) >> 16, minlength=HIST_BINS).cpu()
+            self.high += torch.bincount(bits >> 16, minlength=HIST_BINS).cpu()
 
-    def observe_low(self, delta: torch.Tensor) -> None:
+    def observe_low(self, bits: torch.Tensor) -> None:
         if self.keep_all:
             return
         if self.bin is None:
             self.bin, self.k_in_bin = _select(self.high, self.k)
-        bits = self._bits(delta)
         inside = bits[(bits >> 16) == self.bin] & 0xFFFF
         self.low += torch.bincount(inside, minlength=HIST_BINS).cpu()
 
-    def mask(self, delta: torch.Tensor) -> torch.Tensor:
-        """Keep-mask for the next slice, in order."""
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        """Keep-mask (flat) for the next slice, in order."""
         if self.keep_all:
-            return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+            return torch.ones(bits.shape, dtype=torch.bool, device=bits.device)
         if self.threshold is None:
             low_bin, self.ties_left = _select(self.low, self.k_in_bin)
             self.threshold = (self.bin << 16) | low_bin
-        bits = self._bits(delta)
         keep = bits > self.threshold
-        equal = bits == self.threshold
-        if self.ties_left > 0 and bool(equal.any()):
-            take = equal & (torch.cumsum(equal, 0) <= self.ties_left)
-            self.ties_left -= int(take.sum())
-            keep |= take
-        return keep.reshape(delta.shape)
+        if self.ties_left > 0:
+            equal = torch.nonzero(bits == self.threshold).reshape(-1)[: self.ties_left]
+            keep[equal] = True
+            self.ties_left -= len(equal)
+        return keep
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| as flat int32 bit patterns: for non-negative floats, bits order like values.
+
+    Clearing the sign bit is |x| for floats, done directly on the bits.
+    """
+    return delta.float().contiguous().view(torch.int32).reshape(-1) & 0x7FFFFFFF
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:

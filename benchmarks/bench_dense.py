@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Dense merge benchmark: pacer-stream vs mergekit vs the physical floor, as whole processes.
+
+Builds (once) a Llama-shaped family of three ~0.3B-parameter bf16 checkpoints (a base and
+two fine-tune-like variants), then for `linear` (the two variants, weights 0.5/0.5) and
+`ties` (base + the two variants, weights 0.5/0.5, density 0.5) times, as separate processes:
+
+* the physical floor: plain file I/O reading every input the method needs and writing one
+  output of the merged size (fsynced, as pacer-stream does);
+* pacer-stream run;
+* mergekit-yaml (fp32 compute, bf16 output, like pacer-stream).
+
+Peak RSS comes from the kernel (wait4's ru_maxrss of each child). The page cache is warmed
+first so all three see the same storage state. Outputs of the two tools are compared in
+ulps of bf16. Results go to benchmarks/results/dense-<host>.{json,md}.
+
+    python benchmarks/bench_dense.py [--work /tmp/pacer-bench] [--mergekit PATH/TO/mergekit-yaml]
+
+mergekit is found on PATH, or at --mergekit, or installed into <work>/mergekit-venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+    "intermediate_size": 2816, "num_hidden_layers": 21, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "hidden_act": "silu",
+}
+
+MAKE_FAMILY = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[2])
+    from make_header_only import llama_tensors
+    config = json.loads(sys.argv[3])
+    root = Path(sys.argv[1])
+    gen = torch.Generator().manual_seed(0)
+    base = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+            for n, s in llama_tensors(config)}
+    for k, name in enumerate(["base", "ft1", "ft2"]):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        state = base if k == 0 else {
+            n: (t.float() + 0.002 * torch.randn(t.shape, generator=gen)).to(torch.bfloat16)
+            for n, t in base.items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+""")
+
+FLOOR = textwrap.dedent("""
+    import os, sys
+    out_size = int(sys.argv[1]); out = sys.argv[2]; inputs = sys.argv[3:]
+    buf = bytearray(64 << 20)
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    block = bytes(64 << 20)
+    with open(out, "wb") as f:
+        left = out_size
+        while left:
+            n = min(left, len(block)); f.write(block[:n]); left -= n
+        f.flush(); os.fsync(f.fileno())
+""")
+
+COMPARE = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    from safetensors.torch import load_file
+    def load(folder):
+        out = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+    a, b = load(sys.argv[1]), load(sys.argv[2])
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    worst_ulps, worst_abs, differing, total = 0.0, 0.0, 0, 0
+    for name in a:
+        x, y = a[name].float(), b[name].float()
+        ulp = (y.abs().clamp_min(2.0 ** -126) * 2.0 ** -7)  # bf16 spacing near y (upper bound)
+        diff = (x - y).abs()
+        worst_ulps = max(worst_ulps, float((diff / ulp).max()))
+        worst_abs = max(worst_abs, float(diff.max()))
+        differing += int((diff > 0).sum()); total += diff.numel()
+    print(json.dumps({"max_ulps": worst_ulps, "max_abs": worst_abs,
+                      "differing_fraction": differing / total}))
+""")
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command as a child process; wall seconds and the child's peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{cmd[0]} failed ({code}): {stderr[-2000:]}")
+    return {"seconds": round(seconds, 3), "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def find_mergekit(work: Path, given: str | None) -> str:
+    if given:
+        return given
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return found
+    venv = work / "mergekit-venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
+    return str(exe)
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import psutil
+
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pacer-bench"))
+    parser.add_argument("--mergekit", help="path to mergekit-yaml")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    work = args.work
+    family = work / "family"
+    if not (family / "ft2" / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-c", MAKE_FAMILY, str(family), str(ROOT / "scripts"),
+                        json.dumps(CONFIG)], check=True)
+    mergekit = find_mergekit(work, args.mergekit)
+    mk_version = subprocess.run([str(Path(mergekit).with_name("python")), "-c",
+                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
+                                capture_output=True, text=True).stdout.strip()
+    for name in ("base", "ft1", "ft2"):  # warm the page cache for everyone
+        subprocess.run(["cat", str(family / name / "model.safetensors")], stdout=subprocess.DEVNULL)
+
+    results = {"machine": machine(), "mergekit_version": mk_version, "config": CONFIG,
+               "param_count": None, "methods": {}}
+    for method in ("linear", "ties"):
+        uses_base = method == "ties"
+        inputs = [family / n / "model.safetensors" for n in (["base"] if uses_base else []) + ["ft1", "ft2"]]
+        out_size = (family / "ft1" / "model.safetensors").stat().st_size
+        row: dict = {"input_bytes": sum(p.stat().st_size for p in inputs), "output_bytes": out_size}
+
+        pacer_plan = work / f"{method}.pacer.yaml"
+        params = "parameters: {density: 0.5}\n" if uses_base else ""
+        pacer_plan.write_text(
+            "models:\n" + "".join(f"  - {{model: {family / n}, weight: 0.5}}\n" for n in ("ft1", "ft2"))
+            + (f"base_model: {family / 'base'}\n" if uses_base else "")
+            + f"method: {method}\n{params}output: {{path: {work / (method + '-pacer')}}}\n")
+        mk_config = work / f"{method}.mergekit.yaml"
+        mk_config.write_text(
+            f"merge_method: {method}\n" + (f"base_model: {family / 'base'}\n" if uses_base else "")
+            + "models:\n" + "".join(
+                f"  - model: {family / n}\n    parameters: {{weight: 0.5"
+                + (", density: 0.5" if uses_base else "") + "}\n" for n in ("ft1", "ft2"))
+            + "dtype: float32\nout_dtype: bfloat16\n")
+
+        runs: dict[str, list] = {"floor": [], "pacer-stream": [], "mergekit": []}
+        for _ in range(args.repeats):
+            runs["floor"].append(timed([sys.executable, "-c", FLOOR, str(out_size),
+                                        str(work / "floor.out"), *map(str, inputs)]))
+            shutil.rmtree(work / (method + "-pacer"), ignore_errors=True)
+            runs["pacer-stream"].append(timed([sys.executable, "-m", "pacer_stream", "run",
+                                               str(pacer_plan), "--quiet"]))
+            shutil.rmtree(work / (method + "-mergekit"), ignore_errors=True)
+            runs["mergekit"].append(timed([mergekit, str(mk_config), str(work / (method + "-mergekit")),
+                                           "--quiet", "--lazy-unpickle", "--no-copy-tokenizer",
+                                           "--no-write-model-card"]))
+        best = {tool: {"seconds": min(r["seconds"] for r in rs),
+                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs), "runs": rs}
+                for tool, rs in runs.items()}
+        row.update(best)
+        row["speedup_vs_mergekit"] = round(best["mergekit"]["seconds"] / best["pacer-stream"]["seconds"], 2)
+        row["rss_ratio_vs_mergekit"] = round(best["pacer-stream"]["peak_rss_bytes"]
+                                             / best["mergekit"]["peak_rss_bytes"], 3)
+        row["time_ratio_vs_floor"] = round(best["pacer-stream"]["seconds"] / best["floor"]["seconds"], 2)
+        compare = subprocess.run([sys.executable, "-c", COMPARE, str(work / (method + "-pacer")),
+                                  str(work / (method + "-mergekit"))], capture_output=True, text=True)
+        row["agreement"] = json.loads(compare.stdout) if compare.returncode == 0 else compare.stderr[-500:]
+        results["methods"][method] = row
+        print(method, json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"dense-{platform.node() or 'host'}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(results))
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Dense merge benchmark (benchmarks/bench_dense.py)", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1e9:.0f} GB RAM, "
+        f"Python {m['python']}; mergekit {results['mergekit_version']}. Warm page cache; "
+        "3 × 0.3B-parameter Llama-shaped bf16 checkpoints (base + 2 variants).", "",
+        "| method | tool | seconds | peak RSS | vs floor | vs mergekit (time) | vs mergekit (RSS) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, row in results["methods"].items():
+        for tool in ("floor", "pacer-stream", "mergekit"):
+            r = row[tool]
+            vs_floor = r["seconds"] / row["floor"]["seconds"]
+            t_ratio = row["mergekit"]["seconds"] / r["seconds"]
+            m_ratio = r["peak_rss_bytes"] / row["mergekit"]["peak_rss_bytes"]
+            lines.append(f"| {method} | {tool} | {r['seconds']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} MB "
+                         f"| {vs_floor:.2f}× | {t_ratio:.2f}× faster | {m_ratio:.2f}× |")
+        agreement = row["agreement"]
+        if isinstance(agreement, dict):
+            lines.append(f"| {method} | agreement | max {agreement['max_ulps']:.2f} ulp (bf16), "
+                         f"{agreement['differing_fraction'] * 100:.3f}% of elements differ | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
