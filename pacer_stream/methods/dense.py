@@ -167,7 +167,7 @@ class TensorMerge:
             bits, self._bits = self._bits, None
             for k in range(n):
                 mask = self.select[k].mask(bits[k] if bits else magnitude_bits(d[k]))
-                d[k].mul_(mask.reshape(d[k].shape))
+                d[k].masked_fill_(~mask.reshape(d[k].shape), 0)  # cheaper than a bool multiply
         elif m.sparsify == "random":
             for k in range(n):
                 if p.densities[k] < 1:

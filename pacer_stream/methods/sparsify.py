@@ -56,7 +56,8 @@ class MagnitudeSelect:
             return
         if self.bin is None:
             self.bin, self.k_in_bin = _select(self.high, self.k)
-        inside = bits[(bits >> 16) == self.bin] & 0xFFFF
+        lo = self.bin << 16  # the bin is a range of bit patterns: compare, no shifting
+        inside = bits[(bits >= lo) & (bits < lo + HIST_BINS)] - lo
         self.low += torch.bincount(inside, minlength=HIST_BINS).cpu()
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
@@ -77,9 +78,9 @@ class MagnitudeSelect:
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     """|delta| as flat int32 bit patterns: for non-negative floats, bits order like values.
 
-    Clearing the sign bit is |x| for floats, done directly on the bits.
+    The float abs() clears the sign bit; it runs vectorised where an integer mask does not.
     """
-    return delta.float().contiguous().view(torch.int32).reshape(-1) & 0x7FFFFFFF
+    return delta.float().abs().view(torch.int32).reshape(-1)
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
