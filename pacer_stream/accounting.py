@@ -63,6 +63,12 @@ def align_group_bytes(size: int) -> int:
     return size * size * LAP_BYTES_PER_CELL
 
 
+def align_unit_bytes(unit_fp32_bytes: int, d: int) -> int:
+    """Aligning one unit against one peer: both copies in fp32, a permuted copy of the
+    tensors being compared, and the residual share (d x d) with its solver workspace."""
+    return 3 * unit_fp32_bytes + align_group_bytes(d)
+
+
 def residual_cost_bytes(size: int) -> int:
     """The residual-stream cost accumulator (fp64, it sums over the whole model)."""
     return size * size * 8

@@ -32,9 +32,10 @@ from .sizes import parse_size
 
 METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "split_merge")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ANCHORS = ("first", "min_magnitude")
+ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
 TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
-            "seed")
+            "seed", "align")
+ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
 PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
@@ -79,6 +80,13 @@ class PlanConfig:
     pacer: dict[str, Any] = field(default_factory=lambda: dict(PACER_DEFAULTS))
     seed: int = 0
     source: Path | None = None
+    align: bool | str = False  # True, False or "only"
+
+    @property
+    def anchor_ref(self) -> ModelRef | None:
+        """The model named by ``pacer.anchor_strategy``, if it names one."""
+        strategy = self.pacer["anchor_strategy"]
+        return strategy if isinstance(strategy, ModelRef) else None
 
 
 def load_plan(path: str | Path) -> PlanConfig:
@@ -124,6 +132,12 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     _check_keys(pacer, tuple(PACER_DEFAULTS), f"{label}: pacer")
     pacer = {**PACER_DEFAULTS, **pacer}
     _check_pacer(pacer, f"{label}: pacer")
+    if pacer["anchor_strategy"] not in ANCHORS:
+        pacer["anchor_strategy"] = _anchor_ref(pacer["anchor_strategy"], entries, base_ref,
+                                               base_dir, f"{label}: pacer.anchor_strategy")
+    align = raw.get("align", pacer["align"] if method == "pacer" else False)
+    if not any(align is mode or align == mode == "only" for mode in ALIGN_MODES):
+        raise PacerError(f"{label}: align must be true, false or only, got {align!r}")
 
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -132,7 +146,7 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     if not isinstance(name, str) or not name:
         raise PacerError(f"{label}: project_name must be a non-empty string")
     return PlanConfig(name, entries, _output(raw.get("output"), base_dir, f"{label}: output", name),
-                      method, base_ref, parameters, pacer, seed, None)
+                      method, base_ref, parameters, pacer, seed, None, align)
 
 
 def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
@@ -174,14 +188,33 @@ def _check_pacer(p: dict, where: str) -> None:
     for key in ("top_k_experts", "max_sweeps"):
         if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
             raise PacerError(f"{where}.{key} must be a positive integer, got {p[key]!r}")
-    if p["anchor_strategy"] not in ANCHORS:
-        raise PacerError(f"{where}.anchor_strategy: expected one of {', '.join(ANCHORS)}, "
-                         f"got {p['anchor_strategy']!r}")
+    if not isinstance(p["anchor_strategy"], str) or not p["anchor_strategy"]:
+        raise PacerError(f"{where}.anchor_strategy: expected one of {', '.join(ANCHORS)} or one "
+                         f"of the models, got {p['anchor_strategy']!r}")
     for key in ("enable_moe_upcycle", "align"):
         if not isinstance(p[key], bool):
             raise PacerError(f"{where}.{key} must be true or false, got {p[key]!r}")
     if p["max_param_growth"] is not None and _number(p["max_param_growth"], where) < 1:
         raise PacerError(f"{where}.max_param_growth must be at least 1.0")
+
+
+def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,
+                base_dir: Path, where: str) -> ModelRef:
+    """``anchor_strategy`` naming a model: it must be one of the plan's inputs."""
+    known = [e.ref for e in entries] + ([base] if base is not None else [])
+    try:
+        ref = parse_ref(text, base_dir)
+    except PacerError:
+        ref = None
+    if ref is None:
+        known = []
+    for candidate in known:
+        if (candidate.path, candidate.repo_id, candidate.revision) == (ref.path, ref.repo_id,
+                                                                       ref.revision):
+            return candidate
+    names = ", ".join(e.ref.text for e in entries)
+    raise PacerError(f"{where}: {text!r} is neither {' nor '.join(ANCHORS)} nor one of the "
+                     f"models ({names})")
 
 
 def _mapping(value: Any, where: str) -> dict:

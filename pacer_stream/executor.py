@@ -32,7 +32,8 @@ from . import failpoints
 from .config import PlanConfig
 from .errors import PacerError
 from .export.dense import copy_side_files, model_card, write_card, write_config
-from .graph import Unit
+from .align.stage import AlignStage
+from .graph import Unit, source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
@@ -123,13 +124,21 @@ def peak_rss() -> int:
 
 def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     """Run a dense merge described by ``config``."""
-    if config.method not in METHODS:
-        raise PacerError(f"method {config.method!r} is not available in `run` yet "
-                         f"(available: {', '.join(METHODS)})")
+    method, parameters = config.method, config.parameters
+    if method == "pacer":
+        if config.pacer["enable_moe_upcycle"]:
+            raise PacerError("method pacer: MoE upcycling is not available in `run` yet; set "
+                             "pacer.enable_moe_upcycle: false for PACER's aligned dense merge")
+        # PACER's dense path: consensus pseudo-base (or the base), DARE drop, TIES election
+        method = "dare_ties"
+        parameters = {"density": 1.0 - config.pacer["dropout_rate"], **parameters}
+    if method not in METHODS:
+        raise PacerError(f"method {method!r} is not available in `run` yet "
+                         f"(available: pacer, {', '.join(METHODS)})")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise PacerError("--device cuda: no CUDA device is available; use --device cpu")
     models = ModelSet.from_plan(config)
-    params = MethodParams.resolve(config.method, config.models, config.parameters, config.seed)
+    params = MethodParams.resolve(method, config.models, parameters, config.seed)
     job = MergeJob(config, models, params, options)
     return job.run()
 
@@ -153,6 +162,8 @@ class MergeJob:
         self.shards = plan_shards([self.out[t] for t in self.order], shard_size)
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
         self.summary = RunSummary(self.out_dir, budget=self.budget)
+        self.perms: dict[int, dict[str, torch.Tensor]] = {}  # by input index, once aligned
+        self.align_report: dict | None = None
 
     # -- set-up -----------------------------------------------------------------
 
@@ -160,6 +171,8 @@ class MergeJob:
         return fingerprint({
             "tool": __version__, "method": self.config.method, "params": self._param_record(),
             "seed": self.config.seed, "output_dtype": self.config.output.dtype,
+            "align": [self.config.align, str(self.config.pacer["anchor_strategy"]),
+                      self.config.pacer["max_sweeps"]],
             "shards": [[s.file, [t.name for t in s.tensors]] for s in self.shards],
             "inputs": [{"ref": m.label, "config": m.config,
                         "tensors": {n: [i.file, i.dtype, list(i.shape), i.begin, i.end]
@@ -203,6 +216,10 @@ class MergeJob:
         self.summary.units_skipped = [u.name for u in units if state.is_done(u.name)]
         self._finish_ready_shards(state, writer)
         quiet = self.options.quiet or not sys.stderr.isatty()
+        if self.config.align:
+            self._align(state, quiet)
+        if self.config.align == "only":
+            return self._write_aligned(state, start, quiet)
         with RssMonitor() as rss, ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=len(units), initial=len(units) - len(todo), unit="unit",
                      desc=f"{self.config.method} merge", disable=quiet, file=sys.stderr) as bar:
@@ -234,6 +251,87 @@ class MergeJob:
         state.mark_complete()
         return self.summary
 
+    # -- alignment ----------------------------------------------------------------------
+
+    def _align(self, state: RunState, quiet: bool) -> None:
+        """Find every input's permutations onto the anchor (resumable), for the merge pass."""
+        anchor = self._anchor_index(state)
+        graph = self.models.graph
+        unit_bytes = max(sum(graph.nodes[t].info.numel for t in u.tensors) * 4 for u in graph.units)
+        labels = [m.label for m in self.inputs]
+        with tqdm(total=None, unit="unit", desc="align", disable=quiet, file=sys.stderr) as bar:
+            stage = AlignStage(graph, labels, anchor, self._read_fp32,
+                               state.group.require_group("align"), self.budget, self.config.seed,
+                               self.config.pacer["max_sweeps"], unit_bytes,
+                               on_unit=lambda: bar.update(1))
+            self.perms = stage.run()
+        self.align_report = {"anchor": labels[anchor], "peers_per_pass": stage.chunk_size,
+                             "peers": stage.report()}
+
+    def _write_aligned(self, state: RunState, start: float, quiet: bool) -> RunSummary:
+        """``align: only``: every peer re-based onto the anchor, as its own checkpoint."""
+        graph = self.models.graph
+        peers = sorted(self.perms)
+        with tqdm(total=len(peers) * len(graph.units), unit="unit", desc="write aligned",
+                  disable=quiet, file=sys.stderr) as bar:
+            for k in peers:
+                index = self.inputs[k]
+                folder = self.out_dir / aligned_folder(k, index.label)
+                folder.mkdir(parents=True, exist_ok=True)
+                shards = plan_shards([OutTensor(t, index.tensors[t].dtype, index.tensors[t].shape)
+                                      for t in self.order],
+                                     self.options.shard_size or self.config.output.shard_size)
+                writer = ShardWriter(folder, shards)
+                for unit in graph.units:
+                    key = f"aligned/{k}/{unit.name}"
+                    if not state.is_done(key):
+                        for name in (*unit.tensors, *unit.passthrough):
+                            writer.write(name, self._read_model(k, name, None))
+                        writer.sync()
+                        state.mark_done(key, {"peer": index.label})
+                        self.summary.units_done.append(key)
+                    bar.update(1)
+                    for shard in shards:
+                        done = all(state.is_done(f"aligned/{k}/{self.unit_of[t.name]}")
+                                   for t in shard.tensors)
+                        if done and (folder / shard.partial).exists():
+                            writer.finish(shard)
+                writer.close()
+                writer.write_index()
+                write_config(folder, index, None)
+                copy_side_files(folder, index)
+        self.summary.write_bytes = 0
+        self.summary.peak_rss = peak_rss()
+        self._write_report(state)
+        self.summary.seconds = time.perf_counter() - start
+        state.mark_complete()
+        return self.summary
+
+    def _anchor_index(self, state: RunState) -> int:
+        """``anchor_strategy``: first, lowest_magnitude (mean |w|, kept in the state) or a model."""
+        strategy = self.config.pacer["anchor_strategy"]
+        refs = [e.ref for e in self.config.models] + (
+            [self.config.base_model] if self.config.base_model is not None else [])
+        if strategy == "first":
+            return 0
+        if strategy != "lowest_magnitude":
+            return next(k for k, ref in enumerate(refs) if ref is strategy)
+        if "anchor" not in state.group.attrs:
+            means = [self._mean_magnitude(k) for k in range(len(self.inputs))]
+            state.group.attrs["anchor"] = min(range(len(means)), key=means.__getitem__)
+        return int(state.group.attrs["anchor"])
+
+    def _mean_magnitude(self, k: int) -> float:
+        total, count = 0.0, 0
+        for name, node in self.models.graph.nodes.items():
+            if node.info.is_float:
+                total += float(self._read_fp32(k, name).abs().sum(dtype=torch.float64))
+                count += node.info.numel
+        return total / max(count, 1)
+
+    def _read_fp32(self, k: int, name: str) -> torch.Tensor:
+        return self.inputs[k].read(name).to(self.device, torch.float32)
+
     def _finish_ready_shards(self, state: RunState, writer: ShardWriter) -> None:
         for shard in self.shards:
             ready = all(state.is_done(self.unit_of[t.name]) for t in shard.tensors)
@@ -250,6 +348,9 @@ class MergeJob:
         write_card(self.out_dir, model_card(self.config, self.models.models,
                                             self.models.spec.family, self._param_record()))
         self.summary.write_bytes = sum(s.size for s in self.shards)
+        self._write_report(state)
+
+    def _write_report(self, state: RunState) -> None:
         report = {
             "tool": f"pacer-stream {__version__}", "method": self.config.method,
             "params": self._param_record(), "seed": self.config.seed,
@@ -262,6 +363,7 @@ class MergeJob:
                          "read_bytes": self.summary.read_bytes,
                          "peak_rss_bytes": max(self.summary.peak_rss, peak_rss())},
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "align": self.align_report,
         }
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
@@ -276,10 +378,29 @@ class MergeJob:
         """Raw copies of a tensor from every input, if it is merged unsliced (read-ahead)."""
         if self._slices(name).sliced:
             return None
-        return [m.read(name) for m in self.inputs]
+        return [self._read_model(k, name, None) for k in range(len(self.inputs))]
 
     def _read(self, name: str, rows: tuple[int, int]) -> list[torch.Tensor]:
-        return [m.read(name, rows) for m in self.inputs]
+        return [self._read_model(k, name, rows) for k in range(len(self.inputs))]
+
+    def _read_model(self, k: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Rows of one input's tensor, re-based onto the anchor when the run aligns."""
+        index = self.inputs[k]
+        node = self.models.graph.nodes.get(name)
+        perms = self.perms.get(k)
+        if perms is None or node is None:
+            return index.read(name, rows)
+        first = source_index(node.axes[0], perms) if node.axes else None
+        if first is None:
+            tensor = index.read(name, rows)
+        else:  # output rows come from scattered input rows: read them in contiguous runs
+            wanted = first if rows is None else first[rows[0]:rows[1]]
+            tensor = _read_rows(index, name, wanted)
+        for axis in range(1, len(node.axes)):
+            moved = source_index(node.axes[axis], perms)
+            if moved is not None:
+                tensor = tensor.index_select(axis, moved)
+        return tensor
 
     def _merge_tensor(self, name: str, raw: list[torch.Tensor] | None, writer: ShardWriter) -> int:
         """Merge one tensor into the writer; returns the bytes read."""
@@ -325,7 +446,8 @@ class MergeJob:
 
     def _load(self, name: str, rows: tuple[int, int], check: bool):
         info = self.anchor.tensors[name]
-        raw = self._read(name, rows) if info.shape else [m.read(name) for m in self.inputs]
+        raw = self._read(name, rows) if info.shape else [
+            self._read_model(k, name, None) for k in range(len(self.inputs))]
         return self._to_compute(name, raw, check)
 
     def _to_compute(self, name: str, raw: list[torch.Tensor], check: bool):
@@ -354,6 +476,26 @@ class MergeJob:
                                  f"{self.anchor.label}; non-float and passthrough tensors are "
                                  "copied and must be equal across models")
         self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
+
+
+def aligned_folder(k: int, label: str) -> str:
+    """Sub-folder of ``align: only`` output for input ``k``: its position and a safe name."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label.rstrip("/").split("/")[-1])
+    return f"{k}-{safe}"
+
+
+def _read_rows(index: CheckpointIndex, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (any order) of a tensor, read as few contiguous runs as possible."""
+    if len(rows) == 0:
+        return index.read(name, (0, 0))
+    order = torch.argsort(rows)
+    ranked = rows[order]
+    breaks = (torch.nonzero(ranked[1:] != ranked[:-1] + 1).reshape(-1) + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, len(ranked)]
+    parts = [index.read(name, (int(ranked[a]), int(ranked[b - 1]) + 1)) for a, b in zip(starts, ends)]
+    sorted_rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return sorted_rows[torch.argsort(order)]
 
 
 def _out_dtype(in_dtype: str, out_dtype: str | None) -> str:

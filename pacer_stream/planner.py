@@ -105,8 +105,8 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     budget = budget or default_budget()
     graph = models.graph
     inputs = models.all
-    aligning = config.method == "pacer" and config.pacer["align"]
-    n_peers = len(models.models) - 1
+    aligning = bool(config.align)
+    n_peers = len(inputs) - 1  # every input but the anchor is aligned, a base model too
     out_dtype = OUT_DTYPES.get(config.output.dtype)
     residual = graph.groups.get("residual")
     carried = acct.residual_cost_bytes(residual.size) if aligning and residual else 0

@@ -14,9 +14,9 @@ the slicing, so a merge is identical under any memory budget:
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from ..seeding import generator
 
 HIST_BINS = 1 << 16
 MASK_BLOCK_ELEMS = 1 << 20  # rows per DARE seed block: about a million elements
@@ -102,14 +102,10 @@ def dare_keep(shape: tuple[int, ...], rows: tuple[int, int], density: float, see
     parts = []
     for block in range(start // block_rows, (stop - 1) // block_rows + 1 if stop > start else 0):
         b0, b1 = block * block_rows, min((block + 1) * block_rows, shape[0] if shape else 1)
-        gen = torch.Generator().manual_seed(_seed(seed, tensor, model, block))
+        gen = generator(seed, tensor, model, block)
         draw = torch.rand((b1 - b0, *shape[1:]), generator=gen) < density
         parts.append(draw[max(start, b0) - b0:min(stop, b1) - b0])
     if not parts:
         return torch.zeros((0, *shape[1:]), dtype=torch.bool)
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-
-def _seed(seed: int, tensor: str, model: int, block: int) -> int:
-    digest = hashlib.blake2b(f"{seed}\0{tensor}\0{model}\0{block}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)

@@ -1,0 +1,1 @@
+"""Permutation alignment: cost accumulation, assignment solvers, the matcher."""

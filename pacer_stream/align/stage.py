@@ -1,0 +1,233 @@
+"""The align stage: sweeps over the units that re-base every peer onto the anchor.
+
+One sweep is one streaming pass over the units. For each unit and peer: solve
+the unit's local groups given the current residual permutation
+(:func:`.matcher.align_unit`), then add the unit's share of the residual-stream
+cost to that peer's d × d accumulator (fp64). At the end of the sweep each
+peer's residual assignment is solved; sweeps repeat until no peer's residual
+permutation changes, or ``max_sweeps``.
+
+Peers are aligned in chunks sized so their accumulators fit the memory budget,
+so N peers never need N accumulators in RAM. Progress is checkpointed into the
+RunState (zarr): the permutations, the accumulators and the position in the
+sweep, written into the idle one of two slots and then made current by one
+atomic attribute write. A killed run resumes mid-sweep with exactly the state it
+had, so it finds the same permutations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+
+from .. import accounting as acct
+from .. import failpoints
+from ..errors import PacerError
+from ..graph import GLOBAL, MergeGraph
+from ..seeding import generator
+from .cost import inner_product
+from .matcher import KindStats, PeerStats, align_unit, count_moved, residual_cost, solve
+
+Reader = Callable[[int, str], torch.Tensor]  # (model index, tensor name) -> fp32 on the device
+# Checkpoint when this many times the last checkpoint's cost has passed: every unit
+# for small models, rarely for 70B-class accumulators (at most ~10% overhead).
+CHECKPOINT_RATIO = 10
+
+
+@dataclass
+class Progress:
+    chunk: int = 0
+    sweep: int = 0
+    next_unit: int = 0
+
+
+class AlignStage:
+    """Finds, for every peer, the permutations that best match it to the anchor."""
+
+    def __init__(self, graph: MergeGraph, labels: list[str], anchor: int, read: Reader,
+                 store: zarr.Group, budget: int, seed: int, max_sweeps: int,
+                 unit_bytes: int, on_unit: Callable[[], None] = lambda: None) -> None:
+        self.graph, self.labels, self.anchor, self.read = graph, labels, anchor, read
+        self.store, self.seed, self.max_sweeps = store, seed, max_sweeps
+        self.on_unit = on_unit
+        self.peers = [k for k in range(len(labels)) if k != anchor]
+        self.units = [u for u in graph.units if u.tensors]
+        self.d = graph.groups[GLOBAL].size
+        self.chunk_size = peers_per_pass(self.d, unit_bytes, budget, len(self.peers))
+        self.layout = sorted(graph.groups)
+        self._last_save, self._save_cost = 0.0, 0.0
+
+    @property
+    def chunks(self) -> list[list[int]]:
+        c = self.chunk_size
+        return [self.peers[i:i + c] for i in range(0, len(self.peers), c)]
+
+    # -- the sweeps --------------------------------------------------------------------
+
+    def run(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Align every peer (resuming where a previous run stopped); perms by model index."""
+        progress, perms, acc, info = self._load()
+        chunks = self.chunks
+        while progress.chunk < len(chunks):
+            chunk = chunks[progress.chunk]
+            for p in chunk:
+                perms.setdefault(p, self.graph.identity_perms())
+                acc.setdefault(p, torch.zeros(self.d, self.d, dtype=torch.float64))
+                info.setdefault(p, _new_info())
+            while progress.sweep < self.max_sweeps and not all(info[p]["converged"] for p in chunk):
+                self._sweep(chunk, progress, perms, acc, info)
+                self._finish_sweep(chunk, progress, perms, acc, info)
+            for p in chunk:
+                self._save_final(p, perms.pop(p), info.pop(p))
+                acc.pop(p)
+            progress = Progress(progress.chunk + 1)
+            self._checkpoint(progress, perms, acc, info, force=True)
+        return {p: self._load_final(p) for p in self.peers}
+
+    def _sweep(self, chunk: list[int], progress: Progress, perms, acc, info) -> None:
+        active = [p for p in chunk if not info[p]["converged"]]
+        for ui in range(progress.next_unit, len(self.units)):
+            unit = self.units[ui]
+            anchor = {n: self.read(self.anchor, n) for n in unit.tensors}
+            for p in active:
+                peer = {n: self.read(p, n) for n in unit.tensors}
+                if progress.sweep == 0:
+                    info[p]["objective_before"] += inner_product(
+                        self.graph, anchor, peer, self.graph.identity_perms())
+                stats = PeerStats(_kinds(info[p]))
+                gen = generator(self.seed, "align", self.labels[p], unit.name, progress.sweep)
+                align_unit(self.graph, unit.name, anchor, peer, perms[p], gen, stats)
+                info[p]["rounds"] += stats.rounds
+                _store_kinds(info[p], stats)
+                info[p]["objective"] += inner_product(self.graph, anchor, peer, perms[p])
+                acc[p] += residual_cost(self.graph, anchor, peer, perms[p]).double().cpu()
+                del peer
+            del anchor
+            progress.next_unit = ui + 1
+            failpoints.hit("align-unit")
+            self._checkpoint(progress, perms, acc, info)
+            self.on_unit()
+
+    def _finish_sweep(self, chunk: list[int], progress: Progress, perms, acc, info) -> None:
+        for p in chunk:
+            if info[p]["converged"]:
+                continue
+            stats = PeerStats(_kinds(info[p]))
+            cols = solve(acc[p].float().unsqueeze(0), stats.kind(GLOBAL))[0]
+            _store_kinds(info[p], stats)
+            unchanged = torch.equal(cols, perms[p][GLOBAL].cpu())
+            info[p]["sweeps"] += 1
+            info[p]["objective_by_sweep"].append(info[p]["objective"])
+            info[p]["residual_moved_by_sweep"].append(
+                int((cols != torch.arange(self.d)).sum()))
+            info[p]["converged"] = unchanged
+            perms[p][GLOBAL] = cols.to(perms[p][GLOBAL].device)
+            info[p]["objective"] = 0.0
+            acc[p].zero_()
+        progress.sweep += 1
+        progress.next_unit = 0
+        self._checkpoint(progress, perms, acc, info, force=True)
+
+    # -- the store ---------------------------------------------------------------------
+
+    def _checkpoint(self, progress: Progress, perms, acc, info, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_save < CHECKPOINT_RATIO * self._save_cost:
+            return
+        current = int(self.store.attrs.get("current", 1))
+        slot = f"slot{1 - current}"
+        for p, groups in perms.items():
+            self._put(f"{slot}/p{p}/perms", self._pack(groups))
+            self._put(f"{slot}/p{p}/acc", acc[p].numpy())
+        self.store.attrs.update({  # one atomic write makes the slot current
+            "current": 1 - current,
+            f"slot{1 - current}": {"chunk": progress.chunk, "sweep": progress.sweep,
+                                   "next_unit": progress.next_unit,
+                                   "peers": {str(p): info[p] for p in perms}}})
+        self._last_save = time.perf_counter()
+        self._save_cost = self._last_save - now
+
+    def _load(self):
+        current = self.store.attrs.get("current")
+        if current is None:
+            return Progress(), {}, {}, {}
+        slot = f"slot{current}"
+        saved = self.store.attrs[slot]
+        progress = Progress(saved["chunk"], saved["sweep"], saved["next_unit"])
+        perms, acc, info = {}, {}, {}
+        for key, record in saved["peers"].items():
+            p = int(key)
+            perms[p] = self._unpack(self.store[f"{slot}/p{p}/perms"][...])
+            acc[p] = torch.from_numpy(np.array(self.store[f"{slot}/p{p}/acc"][...]))
+            info[p] = record
+        return progress, perms, acc, info
+
+    def _save_final(self, p: int, groups: dict[str, torch.Tensor], record: dict) -> None:
+        count_stats = PeerStats(_kinds(record))
+        count_moved(self.graph, groups, count_stats)
+        _store_kinds(record, count_stats)
+        record["objective_after"] = (record["objective_by_sweep"] or [record["objective_before"]])[-1]
+        self._put(f"final/p{p}", self._pack(groups))
+        self.store.attrs[f"final/p{p}"] = record
+
+    def _load_final(self, p: int) -> dict[str, torch.Tensor]:
+        return self._unpack(self.store[f"final/p{p}"][...])
+
+    def report(self) -> dict:
+        """Per peer: sweeps, objective before/after, per group kind what moved and solving cost."""
+        out = {}
+        for p in self.peers:
+            record = dict(self.store.attrs.get(f"final/p{p}", {}))
+            out[self.labels[p]] = record
+        return out
+
+    def _put(self, path: str, values: np.ndarray) -> None:
+        array = self.store.create_array(path, shape=values.shape, dtype=values.dtype,
+                                        chunks=values.shape or None, overwrite=True)
+        array[...] = values
+
+    def _pack(self, groups: dict[str, torch.Tensor]) -> np.ndarray:
+        return np.concatenate([groups[g].reshape(-1).cpu().numpy() for g in self.layout])
+
+    def _unpack(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
+        out, at = {}, 0
+        for gid in self.layout:
+            g = self.graph.groups[gid]
+            size = g.problems * g.size
+            out[gid] = torch.from_numpy(np.array(flat[at:at + size])).reshape(*g.batch, g.size)
+            at += size
+        return out
+
+
+def peers_per_pass(d: int, unit_bytes: int, budget: int, peers: int) -> int:
+    """How many peers' residual accumulators fit beside one unit's working set."""
+    free = acct.usable(budget) - acct.align_unit_bytes(unit_bytes, d)
+    each = acct.residual_cost_bytes(d)
+    fit = free // each if free > 0 else 0
+    if fit < 1:
+        need = acct.align_unit_bytes(unit_bytes, d) + each + acct.PROCESS_BASE_BYTES
+        raise PacerError(f"alignment needs about {need / acct.HEADROOM / 1e9:.2f} GB (one unit, "
+                         f"one {d}x{d} residual accumulator); raise --max-memory")
+    return max(1, min(peers, fit))
+
+
+def _new_info() -> dict:
+    return {"converged": False, "sweeps": 0, "rounds": 0, "objective_before": 0.0,
+            "objective": 0.0, "objective_by_sweep": [], "residual_moved_by_sweep": [],
+            "kinds": {}}
+
+
+def _kinds(record: dict) -> dict[str, KindStats]:
+    return {k: KindStats(v["problems"], v["certified"], v["slots"], v["moved"], v["seconds"])
+            for k, v in record["kinds"].items()}
+
+
+def _store_kinds(record: dict, stats: PeerStats) -> None:
+    record["kinds"] = {k: {"problems": s.problems, "certified": s.certified, "slots": s.slots,
+                           "moved": s.moved, "seconds": s.seconds}
+                       for k, s in stats.kinds.items()}
