@@ -90,6 +90,8 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
                    "command to resume", err=True)
         sys.exit(130)
     if not quiet:
+        for line in summary.align_lines():
+            click.echo(line)
         click.echo(summary.line())
 
 

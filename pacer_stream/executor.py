@@ -70,6 +70,20 @@ class RunSummary:
     units_done: list[str] = field(default_factory=list)
     units_skipped: list[str] = field(default_factory=list)
     already_complete: bool = False
+    align: dict | None = None  # the report's "align" section, when the run aligned
+
+    def align_lines(self) -> list[str]:
+        """One line per aligned peer: sweeps, what moved per group kind, certificate hits."""
+        lines = []
+        for label, peer in (self.align or {}).get("peers", {}).items():
+            kinds = ", ".join(f"{kind} {k['moved'] / k['slots']:.0%}" if k["slots"] else kind
+                              for kind, k in sorted(peer["kinds"].items()))
+            problems = sum(k["problems"] for k in peer["kinds"].values())
+            certified = sum(k["certified"] for k in peer["kinds"].values())
+            lines.append(f"aligned {label}: {peer['sweeps']} sweep(s), moved {kinds}; "
+                         f"{certified}/{problems} assignments certified identity; objective "
+                         f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}")
+        return lines
 
     def line(self) -> str:
         if self.already_complete:
@@ -267,6 +281,7 @@ class MergeJob:
             self.perms = stage.run()
         self.align_report = {"anchor": labels[anchor], "peers_per_pass": stage.chunk_size,
                              "peers": stage.report()}
+        self.summary.align = self.align_report
 
     def _write_aligned(self, state: RunState, start: float, quiet: bool) -> RunSummary:
         """``align: only``: every peer re-based onto the anchor, as its own checkpoint."""

@@ -304,3 +304,69 @@ def test_accumulators_that_do_not_fit_are_aligned_in_passes(tmp_path):
     anchor = make_fixtures.file_state(tmp_path / "anchor")
     name = "model.layers.0.mlp.up_proj.weight"
     assert (merged[name] - anchor[name]).norm() < 0.05 * anchor[name].norm()  # all came home
+
+
+def test_sliced_reads_of_a_permuted_peer_match_whole_reads(fixtures_dir, tmp_path):
+    """Row slices of a re-based peer (scattered source rows) equal slices of the whole."""
+    from pacer_stream.config import parse_plan
+    from pacer_stream.executor import MergeJob, RunOptions
+    from pacer_stream.methods.dense import MethodParams
+
+    base = fixtures_dir / "llama"
+    config = parse_plan({"models": [str(base / "ft3"), str(base / "perm")], "method": "linear",
+                         "align": True, "output": {"path": str(tmp_path / "out")}})
+    models = ModelSet.from_plan(config)
+    job = MergeJob(config, models, MethodParams.resolve("linear", config.models, {}, 0),
+                   RunOptions(budget=BUDGET))
+    job.perms = {1: models.graph.random_perms(torch.Generator().manual_seed(1))}
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        whole = job._read_model(1, name, None)
+        assert torch.equal(whole, models.graph.permute(name, models.models[1].read(name),
+                                                       job.perms[1]))
+        rows = whole.shape[0]
+        for start, stop in ((0, 1), (3, rows // 2), (rows // 2, rows), (5, 5)):
+            assert torch.equal(job._read_model(1, name, (start, stop)), whole[start:stop]), name
+
+
+def test_lowest_magnitude_anchor(fixtures_dir, tmp_path):
+    """The model with the smallest mean |w| anchors; the choice is kept in the run state."""
+    from safetensors.torch import save_file
+
+    base = fixtures_dir / "qwen2"
+    small = tmp_path / "small"
+    shutil.copytree(base / "ft3", small)
+    state = make_fixtures.file_state(small)
+    save_file({n: (t * 0.5).contiguous() for n, t in state.items()}, str(small / "model.safetensors"),
+              metadata={"format": "pt"})
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{base / 'perm'}, {small}]\nmethod: linear\nalign: true\n"
+                    "pacer: {anchor_strategy: lowest_magnitude}\n"
+                    f"output: {{path: {tmp_path / 'out'}}}\n")
+    done = _run(plan)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())
+    assert report["align"]["anchor"] == str(small)
+    merged = make_fixtures.file_state(tmp_path / "out")
+    # the anchor's basin: (0.5 w + w) / 2 = 0.75 w, element for element
+    for name, tensor in state.items():
+        assert torch.allclose(merged[name], 0.75 * tensor, atol=1e-6), name
+
+
+def test_pacer_method_merges_aligned_weights(fixtures_dir, tmp_path):
+    base = fixtures_dir / "llama"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{base / 'ft3'}, {base / 'perm'}]\nmethod: pacer\n"
+                    "pacer: {enable_moe_upcycle: false, dropout_rate: 0.0}\n"
+                    f"output: {{path: {tmp_path / 'out'}}}\n")
+    done = _run(plan)
+    assert done.returncode == 0, done.stderr
+    merged = make_fixtures.file_state(tmp_path / "out")
+    anchor = make_fixtures.file_state(base / "ft3")
+    assert all(torch.allclose(merged[n], t, atol=1e-6) for n, t in anchor.items())
+
+    plan.write_text(f"models: [{base / 'ft3'}, {base / 'perm'}]\nmethod: pacer\n"
+                    f"output: {{path: {tmp_path / 'out2'}}}\n")
+    refused = _run(plan)
+    assert refused.returncode == 2 and "enable_moe_upcycle" in refused.stderr
+    assert not (tmp_path / "out2").exists()
