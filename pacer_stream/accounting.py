@@ -21,11 +21,13 @@ PROCESS_BASE_BYTES = 300 * 10**6  # measured: 229 MB peak after importing pacer_
 # consensus, the mixed sum, the divisor, one product), a bool mask per input, the
 # output at its own width, and the raw bytes of the next tensor being read ahead.
 MERGE_TEMPORARIES = 4
-# A LAP on an n x n problem: fp32 cost matrix + fp64 copy handed to the solver.
-LAP_BYTES_PER_CELL = 4 + 8
+# A LAP on an n x n problem: the fp32 cost matrix + the fp32 negated copy lapjv solves
+# (scipy, the fallback where lapjv is missing, needs an fp64 copy on top).
+LAP_BYTES_PER_CELL = 4 + 4
 # Plan to use at most this share of the budget, leaving room for allocator
 # fragmentation, the page cache's unevictable pages and Python objects.
 HEADROOM = 0.85
+COST_BLOCK_ELEMS = 1 << 24  # rows of a [vocab, d] tensor per alignment cost step
 
 
 def usable(budget: int) -> int:
@@ -63,10 +65,35 @@ def align_group_bytes(size: int) -> int:
     return size * size * LAP_BYTES_PER_CELL
 
 
-def align_unit_bytes(unit_fp32_bytes: int, d: int) -> int:
-    """Aligning one unit against one peer: both copies in fp32, a permuted copy of the
-    tensors being compared, and the residual share (d x d) with its solver workspace."""
-    return 3 * unit_fp32_bytes + align_group_bytes(d)
+def align_unit_bytes(largest_numel: int, largest_itemsize: int, largest_group: int) -> int:
+    """Aligning one unit against one peer (tensors are read when a cost needs them).
+
+    One member tensor at a time: anchor and peer widened to fp32, the peer's permuted
+    copy at its stored width, and a re-arranged fp32 copy of each where the axis has
+    several factors; next to one cost matrix and its solver copy (the largest local
+    group, or the d x d residual share).
+    """
+    return (largest_numel * (4 * COMPUTE_ITEMSIZE + largest_itemsize)
+            + align_group_bytes(largest_group))
+
+
+def align_unit_need(graph, unit) -> int:
+    """Working set of aligning ``unit`` against one peer (see :func:`align_unit_bytes`)."""
+    infos = [graph.nodes[t].info for t in unit.tensors]
+    groups = [g.size for g in graph.groups.values() if g.unit == unit.name]
+    residual = graph.groups.get("residual")  # the global group
+    if residual is not None and any(t in unit.tensors for t, _ in residual.members):
+        groups.append(residual.size)
+    # [vocab, d] tensors are costed in row blocks (align.cost.COST_BLOCK_ELEMS)
+    sizes = [(min(i.numel, COST_BLOCK_ELEMS) if _rows_summed(graph, t) else i.numel, i.itemsize)
+             for t, i in zip(unit.tensors, infos)]
+    numel, itemsize = max(sizes, default=(0, 0))
+    return align_unit_bytes(numel, itemsize, max(groups, default=0))
+
+
+def _rows_summed(graph, name: str) -> bool:
+    node = graph.nodes[name]
+    return len(node.axes) >= 2 and not any(f.group for f in node.axes[0])
 
 
 def residual_cost_bytes(size: int) -> int:

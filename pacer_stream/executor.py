@@ -269,17 +269,17 @@ class MergeJob:
 
     def _align(self, state: RunState, quiet: bool) -> None:
         """Find every input's permutations onto the anchor (resumable), for the merge pass."""
+        started = time.perf_counter()
         anchor = self._anchor_index(state)
         graph = self.models.graph
-        unit_bytes = max(sum(graph.nodes[t].info.numel for t in u.tensors) * 4 for u in graph.units)
         labels = [m.label for m in self.inputs]
         with tqdm(total=None, unit="unit", desc="align", disable=quiet, file=sys.stderr) as bar:
-            stage = AlignStage(graph, labels, anchor, self._read_fp32,
+            stage = AlignStage(graph, labels, anchor, self._read_device,
                                state.group.require_group("align"), self.budget, self.config.seed,
-                               self.config.pacer["max_sweeps"], unit_bytes,
-                               on_unit=lambda: bar.update(1))
+                               self.config.pacer["max_sweeps"], on_unit=lambda: bar.update(1))
             self.perms = stage.run()
         self.align_report = {"anchor": labels[anchor], "peers_per_pass": stage.chunk_size,
+                             "seconds_this_run": round(time.perf_counter() - started, 3),
                              "peers": stage.report()}
         self.summary.align = self.align_report
 
@@ -340,12 +340,12 @@ class MergeJob:
         total, count = 0.0, 0
         for name, node in self.models.graph.nodes.items():
             if node.info.is_float:
-                total += float(self._read_fp32(k, name).abs().sum(dtype=torch.float64))
+                total += float(self._read_device(k, name).abs().sum(dtype=torch.float64))
                 count += node.info.numel
         return total / max(count, 1)
 
-    def _read_fp32(self, k: int, name: str) -> torch.Tensor:
-        return self.inputs[k].read(name).to(self.device, torch.float32)
+    def _read_device(self, k: int, name: str) -> torch.Tensor:
+        return self.inputs[k].read(name).to(self.device)
 
     def _finish_ready_shards(self, state: RunState, writer: ShardWriter) -> None:
         for shard in self.shards:

@@ -14,7 +14,7 @@ import psutil
 from . import accounting as acct
 from .config import PlanConfig
 from .errors import PacerError
-from .graph import MergeGraph, Unit
+from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
 from .sizes import format_size
@@ -166,20 +166,16 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
     if not aligning:
         return plan
 
-    # Alignment: one group's cost + solver at a time, two fp32 operands, the carried residual cost.
-    local = [g for g in graph.groups.values() if g.unit == unit.name]
-    lap_peak = max((acct.align_group_bytes(g.size) * g.problems for g in local), default=0)
-    operands = max((2 * inputs[0].tensors[t].numel * acct.COMPUTE_ITEMSIZE for t in permuted),
-                   default=0)
-    room = acct.usable(budget) - carried - lap_peak
-    if room <= 0 and plan.problem is None:
-        big = max(local, key=lambda g: g.size)
+    # Alignment: the accounting the align stage obeys, plus one peer's residual accumulator.
+    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + carried + acct.align_unit_need(graph, unit)
+    if plan.align_ram_bytes > acct.usable(budget) + acct.PROCESS_BASE_BYTES and plan.problem is None:
+        local = [g for g in graph.groups.values() if g.unit == unit.name]
+        big = max(local, key=lambda g: g.size, default=graph.groups.get(GLOBAL))
         plan.problem = (f"{unit.name}: aligning its {big.kind} group needs a {big.size}x{big.size} "
-                        f"cost matrix and solver workspace ({format_size(lap_peak)}) plus the "
-                        f"residual cost ({format_size(carried)}), more than the budget of "
-                        f"{format_size(budget)}")
-    operands = min(operands, max(room, 0))  # larger operands are read in row slices
-    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + carried + lap_peak + operands
+                        f"cost matrix; with its largest tensor in fp32 and the residual "
+                        f"accumulator that is {format_size(plan.align_ram_bytes)}, more than the "
+                        f"budget of {format_size(budget)} allows")
+    local = [g for g in graph.groups.values() if g.unit == unit.name]
     for g in graph.groups.values():
         for t, _axis in g.members:
             if t in unit.tensors:

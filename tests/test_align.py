@@ -28,11 +28,10 @@ def align(folders: list[Path], store: Path, max_sweeps: int = 4, seed: int = 0):
     graph = models.graph
 
     def read(k: int, name: str) -> torch.Tensor:
-        return models.models[k].read(name).float()
+        return models.models[k].read(name)
 
-    unit_bytes = max(sum(graph.nodes[t].info.numel for t in u.tensors) * 4 for u in graph.units)
     stage = AlignStage(graph, [m.label for m in models.models], 0, read,
-                       zarr.open_group(str(store), mode="a"), BUDGET, seed, max_sweeps, unit_bytes)
+                       zarr.open_group(str(store), mode="a"), BUDGET, seed, max_sweeps)
     return models, stage.run(), stage.report()
 
 

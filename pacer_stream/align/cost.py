@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from ..accounting import COST_BLOCK_ELEMS
 from ..graph import MergeGraph, SymmetryGroup, source_index
+
+DOT_CHUNK = 1 << 22  # elements per step of the objective's dot product
 
 
 def children(graph: MergeGraph, group: SymmetryGroup) -> list[SymmetryGroup]:
@@ -40,19 +43,53 @@ def group_cost(graph: MergeGraph, gid: str, anchor: dict[str, torch.Tensor],
     """
     group = graph.groups[gid]
     n = group.size
-    some = next(iter(anchor.values()))
-    cost = torch.zeros(group.problems, n, n, dtype=torch.float32, device=some.device)
+    cost = None
     local = _solving_view(graph, group, perms)
     invariant = bool(children(graph, group))
     for name, axis in group.members:
         if name not in anchor:
             continue
-        a, p = _sides(graph, name, axis, gid, anchor[name], peer[name], local, invariant)
-        if invariant:
-            cost[0] += _inner_invariant(a, p)
-        else:
-            cost.baddbmm_(a, p.transpose(1, 2))
+        a_raw, p_raw = anchor[name], peer[name]
+        if cost is None:
+            cost = torch.zeros(group.problems, n, n, dtype=torch.float32, device=a_raw.device)
+        for a_rows, p_rows in _row_blocks(graph, name, axis, a_raw, p_raw):
+            node = graph.nodes[name]
+            if not invariant and len(node.axes) == 2 and len(node.axes[axis]) == 1:
+                # a plain matrix whose whole axis is the group: one GEMM on views, no copies
+                a, p = a_rows.float(), _permuted(node, p_rows, local).float()
+                cost[0].addmm_(a, p.T) if axis == 0 else cost[0].addmm_(a.T, p)
+                continue
+            a, p = _sides(graph, name, axis, gid, a_rows, p_rows, local, invariant)
+            if invariant:
+                cost[0] += _inner_invariant(a, p)
+            else:
+                cost.baddbmm_(a, p.transpose(1, 2))
+    if cost is None:
+        return torch.zeros(group.problems, n, n, dtype=torch.float32)
     return cost
+
+
+def _row_blocks(graph: MergeGraph, name: str, axis: int, a: torch.Tensor, p: torch.Tensor):
+    """The tensor in row blocks when its rows are just summed over (bounded fp32 copies).
+
+    That is the case when the group's axis is not the first and nothing permutes the
+    first: embeddings and heads, [vocab, d], the largest tensors of a decoder.
+    """
+    first = graph.nodes[name].axes[0]
+    if axis == 0 or any(f.group for f in first) or a.dim() < 2:
+        yield a, p
+        return
+    rows = max(1, COST_BLOCK_ELEMS // max(1, a[0].numel()))
+    for start in range(0, a.shape[0], rows):
+        yield a[start:start + rows], p[start:start + rows]
+
+
+def _permuted(node, p: torch.Tensor, local: dict[str, torch.Tensor]) -> torch.Tensor:
+    for ax, factors in enumerate(node.axes):  # permute at the stored width
+        index = source_index(factors, local)
+        if index is not None:
+            p = p.index_select(ax, index.to(p.device))
+    return p
 
 
 def _inner_invariant(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -96,10 +133,7 @@ def _sides(graph: MergeGraph, name: str, axis: int, gid: str, a: torch.Tensor, p
     With ``keep_inner``: ``[n, inner, rest]``, inner being the axis's other factors.
     """
     node = graph.nodes[name]
-    for ax, factors in enumerate(node.axes):
-        index = source_index(factors, local)
-        if index is not None:
-            p = p.index_select(ax, index.to(p.device))
+    a, p = a.float(), _permuted(node, p, local).float()  # permute at the stored width, then widen
     factors = node.axes[axis]
     sizes = [f.size for f in factors]
     pos = next(k for k, f in enumerate(factors) if f.group == gid)
@@ -140,5 +174,8 @@ def inner_product(graph: MergeGraph, anchor: dict[str, torch.Tensor],
     total = 0.0
     for name, a in anchor.items():
         p = graph.permute(name, peer[name], perms) if name in graph.nodes else peer[name]
-        total += float(torch.dot(a.reshape(-1).double(), p.reshape(-1).double()))
+        a, p = a.reshape(-1), p.reshape(-1)
+        for start in range(0, a.numel(), DOT_CHUNK):  # bounded fp32 temporaries, fp64 sum
+            x, y = a[start:start + DOT_CHUNK].float(), p[start:start + DOT_CHUNK].float()
+            total += float((x * y).sum(dtype=torch.float64))
     return total

@@ -18,6 +18,7 @@ had, so it finds the same permutations.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,10 +34,38 @@ from ..seeding import generator
 from .cost import inner_product
 from .matcher import KindStats, PeerStats, align_unit, count_moved, residual_cost, solve
 
-Reader = Callable[[int, str], torch.Tensor]  # (model index, tensor name) -> fp32 on the device
+# (model index, tensor name) -> the tensor on the device, in its own dtype (costs convert
+# one tensor at a time to fp32, so a unit is held at its stored size)
+Reader = Callable[[int, str], torch.Tensor]
 # Checkpoint when this many times the last checkpoint's cost has passed: every unit
 # for small models, rarely for 70B-class accumulators (at most ~10% overhead).
 CHECKPOINT_RATIO = 10
+
+
+class UnitTensors(Mapping):
+    """One model's tensors of a unit, read when used and not kept.
+
+    A group's cost needs only its members, one at a time, so holding a whole
+    70B-class block (1.7 GB per model) would only crowd out the cost matrix. Repeated
+    reads of a block within a sweep come from the page cache.
+    """
+
+    def __init__(self, read: Reader, model: int, names: list[str]) -> None:
+        self._read, self._model, self._names = read, model, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(self._model, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -51,14 +80,15 @@ class AlignStage:
 
     def __init__(self, graph: MergeGraph, labels: list[str], anchor: int, read: Reader,
                  store: zarr.Group, budget: int, seed: int, max_sweeps: int,
-                 unit_bytes: int, on_unit: Callable[[], None] = lambda: None) -> None:
+                 on_unit: Callable[[], None] = lambda: None) -> None:
         self.graph, self.labels, self.anchor, self.read = graph, labels, anchor, read
         self.store, self.seed, self.max_sweeps = store, seed, max_sweeps
         self.on_unit = on_unit
         self.peers = [k for k in range(len(labels)) if k != anchor]
         self.units = [u for u in graph.units if u.tensors]
         self.d = graph.groups[GLOBAL].size
-        self.chunk_size = peers_per_pass(self.d, unit_bytes, budget, len(self.peers))
+        unit_need = max(acct.align_unit_need(graph, u) for u in self.units)
+        self.chunk_size = peers_per_pass(self.d, unit_need, budget, len(self.peers))
         self.layout = sorted(graph.groups)
         self._last_save, self._save_cost = 0.0, 0.0
 
@@ -93,9 +123,9 @@ class AlignStage:
         active = [p for p in chunk if not info[p]["converged"]]
         for ui in range(progress.next_unit, len(self.units)):
             unit = self.units[ui]
-            anchor = {n: self.read(self.anchor, n) for n in unit.tensors}
+            anchor = UnitTensors(self.read, self.anchor, unit.tensors)
             for p in active:
-                peer = {n: self.read(p, n) for n in unit.tensors}
+                peer = UnitTensors(self.read, p, unit.tensors)
                 if progress.sweep == 0:
                     info[p]["objective_before"] += inner_product(
                         self.graph, anchor, peer, self.graph.identity_perms())
@@ -204,13 +234,13 @@ class AlignStage:
         return out
 
 
-def peers_per_pass(d: int, unit_bytes: int, budget: int, peers: int) -> int:
+def peers_per_pass(d: int, unit_need: int, budget: int, peers: int) -> int:
     """How many peers' residual accumulators fit beside one unit's working set."""
-    free = acct.usable(budget) - acct.align_unit_bytes(unit_bytes, d)
+    free = acct.usable(budget) - unit_need
     each = acct.residual_cost_bytes(d)
     fit = free // each if free > 0 else 0
     if fit < 1:
-        need = acct.align_unit_bytes(unit_bytes, d) + each + acct.PROCESS_BASE_BYTES
+        need = unit_need + each + acct.PROCESS_BASE_BYTES
         raise PacerError(f"alignment needs about {need / acct.HEADROOM / 1e9:.2f} GB (one unit, "
                          f"one {d}x{d} residual accumulator); raise --max-memory")
     return max(1, min(peers, fit))
