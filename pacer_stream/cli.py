@@ -92,7 +92,55 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
     if not quiet:
         for line in summary.align_lines():
             click.echo(line)
+        if summary.pacer_line():
+            click.echo(summary.pacer_line())
         click.echo(summary.line())
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--models", "as_models", is_flag=True,
+              help="INPUTS are models (paths or hub ids) to analyze, not a plan file.")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("pacer-analysis.json"),
+              show_default=True, help="The JSON report; the figure goes beside it as .png.")
+@click.option("--no-align", "no_align", is_flag=True, help="With --models: skip alignment.")
+@click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--restart", is_flag=True, help="Discard the saved state of an earlier analysis.")
+@click.option("--quiet", is_flag=True, help="No progress bars and no summary.")
+def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bool,
+            max_memory: str | None, device: str, restart: bool, quiet: bool) -> None:
+    """Per-block interference, alignment and the would-be upcycling, as JSON and a figure.
+
+    INPUTS is one plan file, or with --models two or more models.
+    """
+    from .analyze import analyze as run_analysis, plan_for_models
+    from .config import load_plan
+    from .executor import RunOptions
+
+    if as_models:
+        config = plan_for_models(list(inputs), align=not no_align)
+    elif len(inputs) != 1:
+        raise PacerError("analyze: give one plan file, or --models followed by the models")
+    else:
+        config = load_plan(inputs[0])
+    options = RunOptions(budget=parse_size(max_memory, "--max-memory") if max_memory else None,
+                         device=device, restart=restart, quiet=quiet or not sys.stderr.isatty())
+    report = run_analysis(config, output, options)
+    if quiet:
+        return
+    metric = report["metric"]
+    for block in report["blocks"]:
+        mlp = block.get("mlp", {})
+        mark = "  <- upcycle" if block["selected"] else ""
+        click.echo(f"block {block['layer']:>3}: MLP {metric} {mlp.get(metric) or 0:.4f}, "
+                   f"attention {block.get('attn', {}).get(metric) or 0:.4f}{mark}")
+    d = report["decision"]
+    click.echo(f"would upcycle {len(d['blocks'])} block(s) to {d['num_experts']} experts "
+               f"({d['mode']}); parameters x{report['parameters']['growth']:.3f}"
+               + (f"; {d['note']}" if d["note"] else ""))
+    figure = report.get("figure") or "no figure (pip install 'pacer-stream[analyze]')"
+    click.echo(f"wrote {output} and {figure}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ PACER_DEFAULTS: dict[str, Any] = {
     "enable_moe_upcycle": True,
     "max_sweeps": 3,  # cap on residual-stream alignment sweeps
     "max_param_growth": None,  # budget mode: stop upcycling at this parameter ratio, e.g. 1.36
+    "upcycle_fraction": None,  # budget mode: upcycle this fraction of the MLP blocks
+    "max_experts": None,  # cap on the experts per upcycled block (default: the number of models)
+    "expert_distance": 1.0,  # join clusters whose average 1 - cos(deviations) is below this
     "router_temperature": 1.0,
     "align": True,
 }
@@ -196,6 +199,22 @@ def _check_pacer(p: dict, where: str) -> None:
             raise PacerError(f"{where}.{key} must be true or false, got {p[key]!r}")
     if p["max_param_growth"] is not None and _number(p["max_param_growth"], where) < 1:
         raise PacerError(f"{where}.max_param_growth must be at least 1.0")
+    if p["upcycle_fraction"] is not None:
+        if not 0 <= _number(p["upcycle_fraction"], f"{where}.upcycle_fraction") <= 1:
+            raise PacerError(f"{where}.upcycle_fraction must be in [0, 1], got "
+                             f"{p['upcycle_fraction']}")
+        if p["max_param_growth"] is not None:
+            raise PacerError(f"{where}: give max_param_growth or upcycle_fraction, not both")
+    if p["max_experts"] is not None and (not isinstance(p["max_experts"], int) or isinstance(
+            p["max_experts"], bool) or p["max_experts"] < 2):
+        raise PacerError(f"{where}.max_experts must be an integer of at least 2, got "
+                         f"{p['max_experts']!r}")
+    if not 0 < _number(p["expert_distance"], f"{where}.expert_distance") <= 2:
+        raise PacerError(f"{where}.expert_distance must be in (0, 2] (a cosine distance), got "
+                         f"{p['expert_distance']}")
+    if _number(p["router_temperature"], f"{where}.router_temperature") <= 0:
+        raise PacerError(f"{where}.router_temperature must be positive, got "
+                         f"{p['router_temperature']}")
 
 
 def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,

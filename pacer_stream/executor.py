@@ -12,7 +12,9 @@ skips finished units and writes the same bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -31,20 +33,25 @@ from . import accounting as acct
 from . import failpoints
 from .config import PlanConfig
 from .errors import PacerError
-from .export.dense import copy_side_files, model_card, write_card, write_config
 from .align.stage import AlignStage
+from .export.dense import copy_side_files, model_card, write_card, write_config
+from .export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type, moe_parameter_count,
+                         moe_recipes)
 from .graph import Unit, source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
 from .io.sources import parse_ref
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
+from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge
-from .planner import OUT_DTYPES, default_budget
+from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
+from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .sizes import format_size
 from .state import STATE_DIR, RunState, fingerprint
 
 REPORT = "pacer_report.json"
+ROUTER_ROLES = ("mlp.gate", "mlp.up")  # the router prototypes come from these
 
 
 @dataclass
@@ -71,6 +78,7 @@ class RunSummary:
     units_skipped: list[str] = field(default_factory=list)
     already_complete: bool = False
     align: dict | None = None  # the report's "align" section, when the run aligned
+    pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
 
     def align_lines(self) -> list[str]:
         """One line per aligned peer: sweeps, what moved per group kind, certificate hits."""
@@ -84,6 +92,20 @@ class RunSummary:
                          f"{certified}/{problems} assignments certified identity; objective "
                          f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}")
         return lines
+
+    def pacer_line(self) -> str | None:
+        """What PACER's phase 3 did: which blocks became experts, and the size it cost."""
+        if not self.pacer:
+            return None
+        d, growth = self.pacer["decision"], self.pacer["parameters"]["growth"]
+        worst = max(self.pacer["blocks"], key=lambda b: b.get("mlp", {}).get("interference", 0),
+                    default=None)
+        peak = (f"; highest MLP interference {worst['mlp']['interference']:.3f} at block "
+                f"{worst['layer']}" if worst and "mlp" in worst else "")
+        if self.pacer["exported_as"] == "dense":
+            return f"no MLP block upcycled ({d['note'] or d['mode']}){peak}"
+        return (f"upcycled MLP blocks {d['blocks']} to {d['num_experts']} experts (top-{d['top_k']}"
+                f" router) -> {self.pacer['exported_as']}, parameters x{growth:.3f}{peak}")
 
     def line(self) -> str:
         if self.already_complete:
@@ -140,10 +162,8 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     """Run a dense merge described by ``config``."""
     method, parameters = config.method, config.parameters
     if method == "pacer":
-        if config.pacer["enable_moe_upcycle"]:
-            raise PacerError("method pacer: MoE upcycling is not available in `run` yet; set "
-                             "pacer.enable_moe_upcycle: false for PACER's aligned dense merge")
-        # PACER's dense path: consensus pseudo-base (or the base), DARE drop, TIES election
+        # PACER's dense path: consensus pseudo-base (or the base), DARE drop, TIES election;
+        # the upcycled MLP blocks (if any) become experts instead
         method = "dare_ties"
         parameters = {"density": 1.0 - config.pacer["dropout_rate"], **parameters}
     if method not in METHODS:
@@ -167,19 +187,61 @@ class MergeJob:
         self.anchor = models.models[0]
         self.inputs: list[CheckpointIndex] = models.models + (
             [models.base] if models.base is not None else [])
-        out_dtype = OUT_DTYPES.get(config.output.dtype)
-        self.out = {name: OutTensor(name, _out_dtype(info.dtype, out_dtype), info.shape)
-                    for name, info in self.anchor.tensors.items()}
-        self.out_dtype = out_dtype
+        self.out_dtype = OUT_DTYPES.get(config.output.dtype)
         self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
-        shard_size = options.shard_size or config.output.shard_size
-        self.shards = plan_shards([self.out[t] for t in self.order], shard_size)
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
+        self.shard_size = options.shard_size or config.output.shard_size
+        self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
+        self.moe_type = moe_model_type(models.spec.family)
+        self.stats: dict[int, dict[str, PartStats]] = {}  # layer -> part -> consensus sums
+        self.decision: Decision | None = None
+        self.prototypes: dict[int, torch.Tensor] = {}  # layer -> router sums, while writing it
+        self._set_layout(None)
         self.summary = RunSummary(self.out_dir, budget=self.budget)
         self.perms: dict[int, dict[str, torch.Tensor]] = {}  # by input index, once aligned
         self.align_report: dict | None = None
 
     # -- set-up -----------------------------------------------------------------
+
+    def _set_layout(self, decision: Decision | None) -> None:
+        """The output tensors (dense, or MoE once a decision upcycles) and their shards."""
+        self.layout = None
+        shapes = {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
+                      tuple(self.anchor.tensors[t].shape)) for t in self.order}
+        if decision is not None and decision.upcycles and self.moe_type is not None:
+            self.layout = MoeLayout(self.models.spec.family, self.models.graph.dims["layers"],
+                                    tuple(decision.blocks), decision.num_experts, decision.top_k)
+            recipes = moe_recipes(self.layout, shapes)
+        else:
+            recipes = [OutRecipe(t, dtype, shape, "source", t) for t, (dtype, shape) in shapes.items()]
+        rank = {u.name: i for i, u in enumerate(self.models.graph.units)}
+        unit = {r.name: self._recipe_unit(r) for r in recipes}
+        self.recipes = sorted(recipes, key=lambda r: rank[unit[r.name]])  # stable: keeps order
+        self.recipe_unit = unit
+        self.unit_recipes: dict[str, list[OutRecipe]] = {}
+        for r in self.recipes:
+            self.unit_recipes.setdefault(unit[r.name], []).append(r)
+        self.expert_names: dict[str, list[str]] = {}
+        for r in self.recipes:
+            if r.kind == "expert":
+                names = self.expert_names.setdefault(r.source, [""] * decision.num_experts)
+                names[r.expert] = r.name
+        self.out = {r.name: OutTensor(r.name, r.dtype, tuple(r.shape)) for r in self.recipes}
+        self.shards = plan_shards([self.out[r.name] for r in self.recipes], self.shard_size)
+
+    def _recipe_unit(self, recipe: OutRecipe) -> str:
+        if recipe.source in self.unit_of:
+            return self.unit_of[recipe.source]
+        if recipe.layer is not None:
+            return f"block.{recipe.layer}"
+        found = re.search(r"\.layers\.(\d+)\.", recipe.name)
+        if found is None:
+            raise AssertionError(f"output tensor {recipe.name!r} belongs to no unit")
+        return f"block.{found.group(1)}"
+
+    @property
+    def source_params(self) -> int:
+        return sum(info.numel for info in self.anchor.tensors.values())
 
     def _fingerprint(self) -> str:
         return fingerprint({
@@ -187,7 +249,8 @@ class MergeJob:
             "seed": self.config.seed, "output_dtype": self.config.output.dtype,
             "align": [self.config.align, str(self.config.pacer["anchor_strategy"]),
                       self.config.pacer["max_sweeps"]],
-            "shards": [[s.file, [t.name for t in s.tensors]] for s in self.shards],
+            "shard_size": self.shard_size,
+            "pacer": self.config.pacer if self.config.method == "pacer" else None,
             "inputs": [{"ref": m.label, "config": m.config,
                         "tensors": {n: [i.file, i.dtype, list(i.shape), i.begin, i.end]
                                     for n, i in sorted(m.tensors.items())}}
@@ -220,37 +283,47 @@ class MergeJob:
     def run(self) -> RunSummary:
         start = time.perf_counter()
         state = self._open_state()
+        if "decision" in state.group.attrs:  # the layout an earlier attempt decided on
+            self._set_layout(Decision.from_json(state.group.attrs["decision"]))
         if state.complete and all((self.out_dir / s.file).exists() for s in self.shards):
             self.summary.already_complete = True
             return self.summary
         state.group.attrs["attempts"] = attempt = int(state.group.attrs.get("attempts", 0)) + 1
-        writer = ShardWriter(self.out_dir, self.shards)
-        units = self.models.graph.units
-        todo = [u for u in units if not state.is_done(u.name)]
-        self.summary.units_skipped = [u.name for u in units if state.is_done(u.name)]
-        self._finish_ready_shards(state, writer)
         quiet = self.options.quiet or not sys.stderr.isatty()
         if self.config.align:
             self._align(state, quiet)
         if self.config.align == "only":
             return self._write_aligned(state, start, quiet)
+        if self.upcycling:
+            self._upcycle(state, quiet)
+        writer = ShardWriter(self.out_dir, self.shards)
+        units = self.models.graph.units
+        todo = [u for u in units if not state.is_done(u.name)]
+        self.summary.units_skipped = [u.name for u in units if state.is_done(u.name)]
+        self._finish_ready_shards(state, writer)
         with RssMonitor() as rss, ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=len(units), initial=len(units) - len(todo), unit="unit",
                      desc=f"{self.config.method} merge", disable=quiet, file=sys.stderr) as bar:
-            jobs = [(u, t) for u in todo for t in (*u.tensors, *u.passthrough)]
-            pending = pool.submit(self._read_whole, jobs[0][1]) if jobs else None
-            current_unit, unit_start, unit_bytes = None, time.perf_counter(), 0
-            for i, (unit, name) in enumerate(jobs):
+            jobs = [(u, r) for u in todo for r in self.unit_recipes[u.name]]
+
+            def read_ahead(recipe: OutRecipe | None):
+                if recipe is None or recipe.kind != "source":
+                    return None
+                return pool.submit(self._read_whole, recipe.source)
+
+            pending = read_ahead(jobs[0][1]) if jobs else None
+            unit_start, unit_bytes = time.perf_counter(), 0
+            for i, (unit, recipe) in enumerate(jobs):
                 raw = pending.result() if pending is not None else None
                 nxt = jobs[i + 1][1] if i + 1 < len(jobs) else None
-                pending = pool.submit(self._read_whole, nxt) if nxt else None
-                unit_bytes += self._merge_tensor(name, raw, writer)
+                pending = read_ahead(nxt)
+                unit_bytes += self._write_recipe(recipe, raw, writer)
                 failpoints.hit("tensor-written")
                 if nxt is None or jobs[i + 1][0] is not unit:
                     writer.sync()
                     state.mark_done(unit.name, {
                         "attempt": attempt, "seconds": round(time.perf_counter() - unit_start, 4),
-                        "read_bytes": unit_bytes, "tensors": len(unit.tensors) + len(unit.passthrough),
+                        "read_bytes": unit_bytes, "tensors": len(self.unit_recipes[unit.name]),
                         "rss_bytes": rss.peak})
                     self.summary.units_done.append(unit.name)
                     failpoints.hit("unit-done")
@@ -264,6 +337,157 @@ class MergeJob:
         self.summary.seconds = time.perf_counter() - start
         state.mark_complete()
         return self.summary
+
+    def _write_recipe(self, recipe: OutRecipe, raw: list[torch.Tensor] | None,
+                      writer: ShardWriter) -> int:
+        """Produce one output tensor (experts: all of a source's at once); bytes read."""
+        if recipe.kind == "source":
+            return self._merge_tensor(recipe.source, raw, writer)
+        if recipe.kind == "expert":
+            return self._write_experts(recipe, writer) if recipe.expert == 0 else 0
+        dtype = DTYPES[recipe.dtype][0]
+        if recipe.kind == "router":
+            sums = self.prototypes.pop(recipe.layer)
+            writer.write(recipe.name, router_rows(sums, self.config.pacer["router_temperature"])
+                         .to(dtype))
+        elif recipe.kind == "zeros":
+            writer.write(recipe.name, torch.zeros(recipe.shape, dtype=dtype))
+        else:
+            raise AssertionError(f"unknown output recipe {recipe.kind!r}")
+        return 0
+
+    # -- consensus and upcycling ------------------------------------------------------
+
+    def _upcycle(self, state: RunState, quiet: bool) -> None:
+        """Phase 2-3: per-block consensus statistics, then which MLP blocks become experts."""
+        self.stats = self._block_stats(state, quiet)
+        if "decision" in state.group.attrs:
+            decision = Decision.from_json(state.group.attrs["decision"])
+        else:
+            mlp = {layer: parts["mlp"] for layer, parts in self.stats.items() if "mlp" in parts}
+            decision = decide(mlp, UpcyclePolicy.from_pacer(self.config.pacer), self._growth)
+            if decision.upcycles and self.moe_type is None:
+                decision.note = (f"{self.models.spec.family} MoE export is not supported yet; "
+                                 f"blocks {decision.blocks} were merged dense")
+            state.group.attrs["decision"] = decision.to_json()
+        self.decision = decision
+        self._set_layout(decision)
+
+    def _block_stats(self, state: RunState, quiet: bool) -> dict[int, dict[str, PartStats]]:
+        """Consensus sums of every block's MLP and attention, one unit at a time (resumable)."""
+        graph = self.models.graph
+        blocks = [u for u in graph.units if u.kind == "block"]
+        saved = dict(state.group.attrs.get("stats", {}))
+        n = len(self.models.models)
+        with tqdm(total=len(blocks), initial=len(saved), unit="block", desc="consensus",
+                  disable=quiet, file=sys.stderr) as bar:
+            for unit in blocks:
+                if unit.name in saved:
+                    continue
+                parts: dict[str, PartStats] = {}
+                for name in unit.tensors:
+                    node = graph.nodes[name]
+                    part = part_of(node.role)
+                    if part is None or not node.info.is_float:
+                        continue
+                    stats = parts.setdefault(part, PartStats(n))
+                    for rows in self._ranges(name):
+                        stats.add(*self._load(name, rows, check=True))
+                        self.summary.read_bytes += self._nbytes(name, rows)
+                saved[unit.name] = {part: st.to_json() for part, st in parts.items()}
+                state.group.attrs["stats"] = saved
+                failpoints.hit("stats-unit")
+                bar.update(1)
+        return {u.layer: {part: PartStats.from_json(data) for part, data in saved[u.name].items()}
+                for u in blocks}
+
+    def _growth(self, blocks: list[int], experts: int) -> float:
+        """Output parameters over the source's if ``blocks`` got ``experts`` experts each."""
+        if experts < 2:  # one cluster: nothing would be upcycled
+            return 1.0
+        if self.moe_type is None:  # no export layout: whole MLP copies plus the router
+            extra = sum(self._mlp_params(b) * (experts - 1) + experts * self.models.graph.dims[
+                "residual"] for b in blocks)
+            return (self.source_params + extra) / self.source_params
+        layout = MoeLayout(self.models.spec.family, self.models.graph.dims["layers"], tuple(blocks),
+                           experts, min(self.config.pacer["top_k_experts"], experts))
+        shapes = {t: (self.anchor.tensors[t].dtype, tuple(self.anchor.tensors[t].shape))
+                  for t in self.order}
+        return moe_parameter_count(moe_recipes(layout, shapes)) / self.source_params
+
+    def _mlp_params(self, layer: int) -> int:
+        unit = next(u for u in self.models.graph.units if u.layer == layer)
+        return sum(self.models.graph.nodes[t].info.numel for t in unit.tensors
+                   if self.models.graph.nodes[t].role in EXPERT_ROLES)
+
+    def _write_experts(self, recipe: OutRecipe, writer: ShardWriter) -> int:
+        """Every expert's copy of one MLP tensor: the mean of its cluster's aligned copies."""
+        source, layer = recipe.source, recipe.layer
+        labels, m = self.decision.clusters[layer], self.decision.num_experts
+        info = self.anchor.tensors[source]
+        names = self.expert_names[source]
+        dtype = DTYPES[self.out[names[0]].dtype][0]
+        sums = None
+        if self.models.graph.nodes[source].role in ROUTER_ROLES:  # router prototypes: Σ_rows |E_m − θ_c|
+            sums = self.prototypes.setdefault(
+                layer, torch.zeros(m, info.shape[1], dtype=torch.float64))
+        read = 0
+        # the N copies, the consensus and the M expert means are in memory together
+        copies = 2 * len(self.models.models) + 1
+        for rows in self._ranges(source, copies):
+            x, _ = self._load(source, rows, check=True)
+            read += self._nbytes(source, rows)
+            means = expert_means(x, labels, m)
+            if sums is not None:
+                consensus = x.mean(0)
+                for e, mean in enumerate(means):
+                    sums[e] += (mean - consensus).abs().sum(0, dtype=torch.float64).cpu()
+            for e, mean in enumerate(means):
+                writer.write(names[e], mean.to(dtype).cpu().reshape(rows[1] - rows[0],
+                                                                    *info.shape[1:]),
+                             first_row=rows[0])
+        self.summary.read_bytes += read
+        return read
+
+    def _pacer_report(self) -> dict | None:
+        """Per-block interference, the decision and the parameter accounting."""
+        if self.decision is None:
+            return None
+        d = self.decision
+        exported = list(self.layout.upcycled) if self.layout is not None else []
+        blocks = []
+        for layer, parts in sorted(self.stats.items()):
+            entry = {"layer": layer, "selected": layer in d.blocks, "upcycled": layer in exported,
+                     "movement": self._movement(layer)}
+            entry.update({part: stats.summary() for part, stats in parts.items()})
+            blocks.append(entry)
+        source = self.source_params
+        output = sum(math.prod(r.shape) for r in self.recipes)
+        layers = self.models.graph.dims["layers"]
+        mlp_fraction = sum(self._mlp_params(b) for b in range(layers)) / source
+        m = d.num_experts if exported else 1
+        formula = source * (1 + mlp_fraction * (len(exported) / layers) * (m - 1))
+        return {
+            "metric": "base_interference" if self.models.base is not None else "interference",
+            "threshold": self.config.pacer["interference_threshold"],
+            "blocks": blocks, "decision": d.to_json(),
+            "exported_as": self.moe_type if exported else "dense",
+            "parameters": {"source": source, "output": output, "growth": output / source,
+                           "mlp_fraction": mlp_fraction, "formula": formula,
+                           "router_and_zero_tensors": output - round(formula)},
+            "model_similarity": model_similarity([p for parts in self.stats.values()
+                                                  for p in parts.values()]),
+        }
+
+    def _movement(self, layer: int) -> dict[str, float]:
+        """Per peer, the fraction of this block's MLP units that alignment moved."""
+        out = {}
+        for k, perms in sorted(self.perms.items()):
+            perm = perms.get(f"block.{layer}/mlp")
+            if perm is not None:
+                moved = (perm != torch.arange(perm.shape[-1])).float().mean().item()
+                out[self.inputs[k].label] = moved
+        return out
 
     # -- alignment ----------------------------------------------------------------------
 
@@ -313,7 +537,7 @@ class MergeJob:
                             writer.finish(shard)
                 writer.close()
                 writer.write_index()
-                write_config(folder, index, None)
+                write_config(folder, index.config, None)
                 copy_side_files(folder, index)
         self.summary.write_bytes = 0
         self.summary.peak_rss = peak_rss()
@@ -349,19 +573,23 @@ class MergeJob:
 
     def _finish_ready_shards(self, state: RunState, writer: ShardWriter) -> None:
         for shard in self.shards:
-            ready = all(state.is_done(self.unit_of[t.name]) for t in shard.tensors)
+            ready = all(state.is_done(self.recipe_unit[t.name]) for t in shard.tensors)
             if ready and (self.out_dir / shard.partial).exists():
                 writer.finish(shard)
 
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
         writer.write_index()
-        write_config(self.out_dir, self.anchor, self.out_dtype)
+        config = self.anchor.config
+        if self.layout is not None:
+            config = moe_config(config, self.layout)
+        write_config(self.out_dir, config, self.out_dtype)
         tokenizer = self.anchor
         if self.models.base is not None:
             tokenizer = self.models.base
         copy_side_files(self.out_dir, tokenizer)
         write_card(self.out_dir, model_card(self.config, self.models.models,
-                                            self.models.spec.family, self._param_record()))
+                                            self.models.spec.family, self._param_record(),
+                                            self._pacer_report()))
         self.summary.write_bytes = sum(s.size for s in self.shards)
         self._write_report(state)
 
@@ -379,15 +607,23 @@ class MergeJob:
                          "peak_rss_bytes": max(self.summary.peak_rss, peak_rss())},
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
             "align": self.align_report,
+            "pacer": self._pacer_report(),
         }
+        self.summary.pacer = report["pacer"]
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
     # -- one tensor ---------------------------------------------------------------
 
-    def _slices(self, name: str) -> acct.SlicePlan:
+    def _slices(self, name: str, copies: int | None = None) -> acct.SlicePlan:
+        """Row slicing of a source tensor merged from ``copies`` fp32 copies (default: the inputs)."""
         info = self.anchor.tensors[name]
-        return acct.plan_tensor(info.shape, len(self.inputs), DTYPES[self.out[name].dtype][1],
+        out_itemsize = DTYPES[_out_dtype(info.dtype, self.out_dtype)][1]
+        return acct.plan_tensor(info.shape, copies or len(self.inputs), out_itemsize,
                                 info.itemsize, self.budget)
+
+    def _ranges(self, name: str, copies: int | None = None) -> list[tuple[int, int]]:
+        plan = self._slices(name, copies)
+        return [(r, min(r + plan.rows, plan.total_rows)) for r in range(0, plan.total_rows, plan.rows)]
 
     def _read_whole(self, name: str) -> list[torch.Tensor] | None:
         """Raw copies of a tensor from every input, if it is merged unsliced (read-ahead)."""

@@ -17,7 +17,10 @@ from .errors import PacerError
 from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
+from .methods.consensus import part_of
 from .sizes import format_size
+
+EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down")  # an expert is a whole MLP block
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -111,11 +114,15 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     residual = graph.groups.get("residual")
     carried = acct.residual_cost_bytes(residual.size) if aligning and residual else 0
 
+    upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
     units = [_unit_plan(unit, graph, inputs, len(models.models), n_peers, out_dtype, budget,
-                        carried, aligning) for unit in graph.units]
+                        carried, aligning, upcycling) for unit in graph.units]
     input_bytes = sum(u.merge_read_bytes for u in units)
     dense_out = sum(u.write_bytes for u in units)
-    stages = _stages(config, units, n_peers, graph, aligning)
+    consensus_read = sum(m.tensors[t].nbytes for m in inputs for u in graph.units
+                         if u.kind == "block" for t in u.tensors
+                         if part_of(graph.nodes[t].role)) if upcycling else 0
+    stages = _stages(config, units, n_peers, graph, aligning, consensus_read)
     peak = max(units, key=lambda u: u.ram_bytes)
     problems = [u for u in units if u.problem]
     write_max = dense_out
@@ -141,7 +148,8 @@ def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
 
 
 def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: int,
-               out_dtype: str | None, budget: int, carried: int, aligning: bool) -> UnitPlan:
+               out_dtype: str | None, budget: int, carried: int, aligning: bool,
+               upcycling: bool) -> UnitPlan:
     names = unit.tensors + unit.passthrough
     merge_read = sum(m.tensors[t].nbytes for m in inputs for t in names)
     permuted = [t for t in unit.tensors if graph.nodes[t].groups]
@@ -155,7 +163,10 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
     for t in unit.tensors:
         info = inputs[0].tensors[t]
         out_size = DTYPES[out_dtype or info.dtype][1]
-        slices = acct.plan_tensor(info.shape, len(inputs), out_size, info.itemsize, budget)
+        # an upcycled MLP tensor holds the N copies, the consensus and the expert means
+        copies = 2 * n_models + 1 if upcycling and graph.nodes[t].role in EXPERT_ROLES \
+            else len(inputs)
+        slices = acct.plan_tensor(info.shape, copies, out_size, info.itemsize, budget)
         if not slices.fits and plan.problem is None:
             plan.problem = (f"{unit.name}: one row of {t} needs more than the "
                             f"{format_size(acct.usable(budget))} the budget leaves for merging")
@@ -186,7 +197,7 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
 
 
 def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
-            aligning: bool) -> list[StagePlan]:
+            aligning: bool, consensus_read: int) -> list[StagePlan]:
     merge_read = sum(u.merge_read_bytes for u in units)
     write = sum(u.write_bytes for u in units)
     elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
@@ -202,6 +213,10 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
                                    + lap * rate.lap_coeff / acct.CPU.lap_coeff)
                    for name, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan("align", sweeps, sweeps * read, 0, seconds))
+    if consensus_read:  # PACER's statistics pass over every block's MLP and attention
+        seconds = {dev: consensus_read / rate.disk_read + consensus_read / 2 / rate.merge_elems
+                   for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
+        stages.append(StagePlan("consensus", 1, consensus_read, 0, seconds))
     passes = {"split_merge": ["variance", "gram+mu", "eta"]}.get(config.method, ["merge"])
     for name in passes:
         out = 0 if name == "variance" else write

@@ -123,6 +123,41 @@ def make_family(family: str, out: Path) -> None:
     permute_folder(base / "ft3", base / "perm", seed=7)
 
 
+CONFLICT_BLOCK = 2  # the block whose MLP the "conflict" family's models disagree on
+CONFLICT_NOISE = 1.0  # its per-model deviation, relative to the weights' spread
+
+
+def make_conflict(out: Path) -> None:
+    """Three 4-block Llama fine-tunes that agree everywhere except one MLP block.
+
+    ``m1``..``m3`` are the anchor plus small noise, except that block
+    CONFLICT_BLOCK's gate/up/down weights get a large independent deviation per
+    model: the block PACER should upcycle, and the only one.
+    """
+    import transformers
+
+    config = transformers.LlamaConfig(**{**DECODER, "num_hidden_layers": 4})
+    torch.manual_seed(11)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    anchor = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    conflict = f"model.layers.{CONFLICT_BLOCK}.mlp."
+    for k in range(1, 4):
+        gen = torch.Generator().manual_seed(500 + k)
+        state = {}
+        for key, v in anchor.items():
+            scale = CONFLICT_NOISE if key.startswith(conflict) else NOISE
+            noise = torch.randn(v.shape, generator=gen)
+            state[key] = v + scale * v.std().nan_to_num(1.0) * noise if v.numel() > 1 else v.clone()
+        model.load_state_dict(state)
+        target = out / "conflict" / f"m{k}"
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(target)
+
+
 def script_digest() -> str:
     """Fingerprint of this script, so callers can tell stale fixtures from current ones."""
     import hashlib
@@ -137,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for family in args.family or list(FAMILIES):
         make_family(family, args.out)
+    if not args.family:
+        make_conflict(args.out)
     stamp = {"families": sorted(args.family or FAMILIES), "script": script_digest()}
     (args.out / "FIXTURES.json").write_text(json.dumps(stamp, indent=1) + "\n")
     print(f"wrote tiny fixtures for {', '.join(args.family or FAMILIES)} under {args.out}")

@@ -364,8 +364,15 @@ def test_pacer_method_merges_aligned_weights(fixtures_dir, tmp_path):
     anchor = make_fixtures.file_state(base / "ft3")
     assert all(torch.allclose(merged[n], t, atol=1e-6) for n, t in anchor.items())
 
+    # with upcycling on, the aligned copies agree everywhere (interference ~0): nothing is
+    # upcycled and the output keeps the source architecture
     plan.write_text(f"models: [{base / 'ft3'}, {base / 'perm'}]\nmethod: pacer\n"
+                    "pacer: {dropout_rate: 0.0}\n"
                     f"output: {{path: {tmp_path / 'out2'}}}\n")
-    refused = _run(plan)
-    assert refused.returncode == 2 and "enable_moe_upcycle" in refused.stderr
-    assert not (tmp_path / "out2").exists()
+    done = _run(plan)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out2" / "pacer_report.json").read_text())["pacer"]
+    assert report["exported_as"] == "dense" and not report["decision"]["blocks"]
+    assert max(b["mlp"]["interference"] for b in report["blocks"]) < 1e-3
+    merged = make_fixtures.file_state(tmp_path / "out2")
+    assert all(torch.allclose(merged[n], t, atol=1e-6) for n, t in anchor.items())

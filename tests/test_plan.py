@@ -46,17 +46,22 @@ def test_tiny_smoke_plan_json(fixtures_dir):
                 "fits"):
         assert key in plan
     config = load_plan(ROOT / "plans/tiny-smoke.yaml")
-    folders = [m.ref.path for m in config.models] + [config.base_model.path]
+    folders = [m.ref.path for m in config.models]
     expected = sum(_file_tensor_bytes(f) for f in folders)
     assert plan["input_bytes"] == expected
-    assert [s["name"] for s in plan["stages"]] == ["merge"]
-    assert plan["read_bytes"] == expected
-    # output: one model's worth at the inputs' dtype
+    stages = {s["name"]: s for s in plan["stages"]}
+    assert list(stages) == ["align", "consensus", "merge"]  # a full PACER merge
+    assert stages["merge"]["read_bytes"] == expected
+    # the statistics pass reads the blocks' MLP and attention weights, not embeddings or norms
+    assert 0.5 * expected < stages["consensus"]["read_bytes"] < expected
+    # output: one model's worth at the inputs' dtype; more if MLPs are upcycled
     assert plan["write_bytes"] == _file_tensor_bytes(config.models[0].ref.path)
-    assert [u["name"] for u in plan["units"]] == ["embed", "block.0", "block.1", "head"]
+    assert plan["write_bytes_max"] > plan["write_bytes"]
+    assert [u["name"] for u in plan["units"]] == ["embed", *[f"block.{i}" for i in range(4)],
+                                                   "head"]
     assert plan["fits"] is True and 0 < plan["peak_ram_bytes"] <= 4e9
     assert set(plan["est_seconds"]) == {"cpu", "gpu"}
-    assert {"kind": "mlp", "size": 128, "count": 2} in [
+    assert {"kind": "mlp", "size": 128, "count": 4} in [
         {k: g[k] for k in ("kind", "size", "count")} for g in plan["groups"]]
 
 
@@ -71,7 +76,7 @@ def test_pacer_plan_counts_alignment_sweeps(fixtures_dir, tmp_path):
     # every llama tensor carries a permuted axis, so each sweep reads all of them
     assert stages["align"]["read_bytes"] == 2 * expected and stages["align"]["passes"] == 2
     assert stages["merge"]["read_bytes"] == expected
-    assert plan["read_bytes"] == 3 * expected
+    assert plan["read_bytes"] == 3 * expected + stages["consensus"]["read_bytes"]
 
 
 def test_plan_human_report(fixtures_dir):

@@ -17,9 +17,9 @@ COPIED = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.m
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def write_config(out_dir: Path, anchor: CheckpointIndex, out_dtype: str | None) -> None:
-    """The anchor's config.json with the output dtype recorded."""
-    config = dict(anchor.config)
+def write_config(out_dir: Path, config: dict, out_dtype: str | None) -> None:
+    """``config`` (the anchor's, or the MoE one) as config.json, the output dtype recorded."""
+    config = dict(config)
     if out_dtype in TORCH_DTYPES:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for key in keys:
@@ -40,7 +40,7 @@ def copy_side_files(out_dir: Path, source: CheckpointIndex) -> list[str]:
 
 
 def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
-               params: dict) -> str:
+               params: dict, pacer: dict | None = None) -> str:
     """A README.md that says exactly how the model was made (no timestamps: reproducible)."""
     lines = [
         "---",
@@ -71,6 +71,15 @@ def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
         "```",
         "",
     ]
+    if pacer is not None:
+        d = pacer["decision"]
+        if pacer["exported_as"] != "dense":
+            lines.append(f"Exported as `{pacer['exported_as']}`: MLP blocks {d['blocks']} were "
+                         f"upcycled to {d['num_experts']} experts each (top-{d['top_k']} zero-shot "
+                         f"router); parameters {pacer['parameters']['growth']:.3f}x the source's.")
+        else:
+            lines.append(f"All blocks merged dense ({d['note'] or 'no block over the threshold'}).")
+        lines.append("")
     return "\n".join(lines)
 
 

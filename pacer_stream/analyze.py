@@ -1,0 +1,101 @@
+"""``pacer-stream analyze``: per-block alignment and interference, before deciding what to upcycle.
+
+Runs the same streamed, resumable stages as a PACER ``run`` up to the upcycling
+decision (alignment, then the consensus statistics of every block) and writes,
+instead of a model, a JSON report and a figure::
+
+    pacer-stream analyze plans/tiny-smoke.yaml --output analysis.json
+    pacer-stream analyze --models ./ft1 ./ft2 ./ft3 --output analysis.json
+
+The figure (``analysis.png`` beside the JSON; needs matplotlib, the ``analyze``
+extra) shows the MLP interference per block as bars, the blocks the policy would
+upcycle in red and the threshold as a dashed line, next to the models' pairwise
+cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import PlanConfig, parse_plan
+from .errors import PacerError
+from .executor import MergeJob, RunOptions
+from .inputs import ModelSet
+from .io.writer import write_atomic
+from .methods.dense import MethodParams
+from .state import RunState
+
+SELECTED = "#d62728"  # bars of the blocks the policy would upcycle
+OTHER = "#1f77b4"
+
+
+def plan_for_models(models: list[str], align: bool = True) -> PlanConfig:
+    """A PACER plan for ``--models`` given on the command line (paths or hub ids)."""
+    if len(models) < 2:
+        raise PacerError("analyze --models: give at least two models")
+    return parse_plan({"models": list(models), "method": "pacer", "align": align},
+                      base_dir=Path.cwd(), label="analyze --models")
+
+
+def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
+    """Align, gather the consensus statistics, and write ``output`` (JSON) and its PNG."""
+    output = Path(output)
+    if output.suffix != ".json":
+        raise PacerError(f"--output {output}: the report is JSON; give a path ending in .json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    models = ModelSet.from_plan(config)
+    params = MethodParams.resolve("dare_ties", config.models, {}, config.seed)
+    job = MergeJob(config, models, params, options)
+    state_dir = options.state_dir or output.with_name(f".{output.stem}.state")
+    state = RunState.open(state_dir, job._fingerprint(), restart=options.restart)
+    quiet = options.quiet
+    if config.align:
+        job._align(state, quiet)
+    job._upcycle(state, quiet)
+    report = {"models": [m.label for m in models.models], "family": models.spec.family,
+              "align": job.align_report, **job._pacer_report()}
+    write_atomic(output, json.dumps(report, indent=1, sort_keys=True) + "\n")
+    report["figure"] = draw(report, output.with_suffix(".png"))
+    return report
+
+
+def draw(report: dict, path: Path) -> str | None:
+    """The PNG figure; returns its path, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    blocks = report["blocks"]
+    layers = [b["layer"] for b in blocks]
+    values = [b.get("mlp", {}).get("interference", 0.0) for b in blocks]
+    if report["metric"] == "base_interference":
+        values = [b.get("mlp", {}).get("base_interference") or 0.0 for b in blocks]
+    selected = set(report["decision"]["blocks"])
+    fig, (bars, heat) = plt.subplots(1, 2, figsize=(11, 4), dpi=100,
+                                     gridspec_kw={"width_ratios": [2, 1]})
+    bars.bar(layers, values, color=[SELECTED if layer in selected else OTHER for layer in layers],
+             antialiased=False)
+    attn = [b.get("attn", {}).get("interference") for b in blocks]
+    if any(a is not None for a in attn):
+        bars.plot(layers, [a or 0.0 for a in attn], "k.", label="attention")
+        bars.legend(loc="upper left")
+    if report["decision"]["mode"] == "threshold":
+        bars.axhline(report["threshold"], color="0.5", linestyle="--", linewidth=1)
+    bars.set_xlabel("block")
+    bars.set_ylabel(report["metric"].replace("_", " ") + " (MLP)")
+    bars.set_title("interference per block (red: upcycled)")
+    similarity = report["model_similarity"]
+    image = heat.imshow(similarity, cmap="Greys", vmin=min(min(r) for r in similarity), vmax=1)
+    names = [Path(m.rstrip("/")).name or m for m in report["models"]]
+    heat.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    heat.set_yticks(range(len(names)), names)
+    heat.set_title("model cosine similarity")
+    fig.colorbar(image, ax=heat)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,86 @@
+"""The Python API, in PacerKit's shape::
+
+    from pacer_stream import PACERMerger
+
+    merger = PACERMerger(["./ft1", "./ft2", "./ft3"])
+    summary = merger.merge(interference_threshold=0.35, top_k_experts=2,
+                           output_path="./merged_model")
+    summary["exported_as"], summary["upcycled_blocks"]   # "qwen2_moe", [2]
+
+It builds the same plan a YAML file would and runs the same streamed, resumable
+merge, so ``merge`` writes exactly the files ``pacer-stream run`` writes for the
+equivalent plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import parse_plan
+from .executor import RunOptions, run_merge
+from .sizes import parse_size
+
+
+class PACERMerger:
+    """Merge ``models`` (local folders or hub ids) with PACER.
+
+    ``base_model`` switches the dense merge and the interference metric to
+    task vectors; ``max_memory`` is a size such as ``"16GB"``.
+    """
+
+    def __init__(self, models: list[str], base_model: str | None = None, *,
+                 project_name: str = "pacer-merge", seed: int = 0, max_memory: str | None = None,
+                 device: str = "cpu", quiet: bool = True) -> None:
+        self.models = [str(m) for m in models]
+        self.base_model = base_model
+        self.project_name = project_name
+        self.seed = seed
+        self.options = RunOptions(budget=parse_size(max_memory, "max_memory") if max_memory
+                                  else None, device=device, quiet=quiet)
+
+    def merge(self, output_path: str | Path = "./merged_model", *,
+              interference_threshold: float = 0.35, top_k_experts: int = 2,
+              dropout_rate: float = 0.1, anchor_strategy: str = "first",
+              enable_moe_upcycle: bool = True, shard_size: str = "5GB",
+              **pacer_options: Any) -> dict:
+        """Run the merge; returns a summary (output, export format, upcycled blocks, sizes).
+
+        Further ``pacer_options`` are the plan's ``pacer`` keys, e.g.
+        ``max_param_growth=1.36`` or ``max_experts=2``.
+        """
+        raw = {
+            "project_name": self.project_name, "models": self.models, "method": "pacer",
+            "seed": self.seed,
+            "output": {"path": str(output_path), "shard_size": shard_size},
+            "pacer": {"interference_threshold": interference_threshold,
+                      "top_k_experts": top_k_experts, "dropout_rate": dropout_rate,
+                      "anchor_strategy": anchor_strategy,
+                      "enable_moe_upcycle": enable_moe_upcycle, **pacer_options},
+        }
+        if self.base_model is not None:
+            raw["base_model"] = self.base_model
+        config = parse_plan(raw, base_dir=Path.cwd(), label="PACERMerger")
+        summary = run_merge(config, self.options)
+        return summarize(summary.out_dir)
+
+
+def summarize(out_dir: Path) -> dict:
+    """The essentials of a finished run, from its ``pacer_report.json``."""
+    import json
+
+    from .executor import REPORT
+
+    report = json.loads((Path(out_dir) / REPORT).read_text())
+    pacer = report.get("pacer") or {}
+    blocks = [b["layer"] for b in pacer.get("blocks", []) if b["upcycled"]]
+    return {
+        "output_path": str(out_dir),
+        "exported_as": pacer.get("exported_as", "dense"),
+        "upcycled_blocks": blocks,
+        "num_experts": pacer.get("decision", {}).get("num_experts", 1) if blocks else 1,
+        "parameters": pacer.get("parameters"),
+        "interference": {b["layer"]: b.get("mlp", {}).get("interference")
+                         for b in pacer.get("blocks", [])},
+        "report": report,
+    }

@@ -1,0 +1,242 @@
+"""PACER end to end: alignment, consensus, upcycling of the conflicting block, qwen2_moe export.
+
+The "conflict" fixture family is three 4-block Llama fine-tunes that agree everywhere
+except block 2's MLP (scripts/make_fixtures.py). A PACER merge must upcycle exactly that
+block, write a qwen2_moe checkpoint stock transformers loads, account for its parameters
+exactly, resume to the same bytes, and stay in its memory budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import make_fixtures
+from pacer_stream.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = make_fixtures.CONFLICT_BLOCK
+BUDGET = 600 * 2**20
+
+
+def write_plan(tmp: Path, fixtures: Path, out: str = "out", **pacer) -> Path:
+    models = ", ".join(str(fixtures / "conflict" / f"m{k}") for k in (1, 2, 3))
+    options = {"interference_threshold": 0.35, "top_k_experts": 2, **pacer}
+    text = ", ".join(f"{k}: {json.dumps(v)}" for k, v in options.items())
+    plan = tmp / f"{out}.yaml"
+    plan.write_text(f"models: [{models}]\nmethod: pacer\nseed: 0\npacer: {{{text}}}\n"
+                    f"output: {{path: {tmp / out}, shard_size: 200KB}}\n")
+    return plan
+
+
+def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PACER_STREAM_FAILPOINT"}
+    if failpoint:
+        env["PACER_STREAM_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), "--quiet",
+                           "--max-memory", str(BUDGET), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "pacer_report.json"}
+
+
+def checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, fixtures_dir) -> Path:
+    tmp = tmp_path_factory.mktemp("pacer")
+    proc = run_cli(write_plan(tmp, fixtures_dir))
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "out"
+
+
+def test_exactly_the_conflicting_block_is_upcycled(merged):
+    config = json.loads((merged / "config.json").read_text())
+    report = json.loads((merged / "pacer_report.json").read_text())["pacer"]
+    assert config["model_type"] == "qwen2_moe"
+    assert config["mlp_only_layers"] == [b for b in range(4) if b != BLOCK]
+    assert config["num_experts"] == 3 and config["num_experts_per_tok"] == 2
+    assert [b["layer"] for b in report["blocks"] if b["upcycled"]] == [BLOCK]
+    interference = {b["layer"]: b["mlp"]["interference"] for b in report["blocks"]}
+    assert max(interference, key=interference.get) == BLOCK
+    assert interference[BLOCK] > 0.35 > max(v for k, v in interference.items() if k != BLOCK)
+    assert report["exported_as"] == "qwen2_moe"
+
+
+def test_output_loads_and_generates_with_stock_transformers(merged):
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        merged, output_loading_info=True)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_parameters_are_accounted_exactly(merged):
+    report = json.loads((merged / "pacer_report.json").read_text())["pacer"]
+    params = report["parameters"]
+    written = sum(t.numel() for t in checkpoint(merged).values())
+    assert params["output"] == written
+    config = json.loads((merged / "config.json").read_text())
+    d, layers, m = config["hidden_size"], config["num_hidden_layers"], config["num_experts"]
+    kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
+    router_and_zeros = (m * d + d) + layers * (d + 2 * kv)  # router + shared gate, q/k/v biases
+    assert written == round(params["formula"]) + router_and_zeros
+    mlp = 3 * d * config["intermediate_size"]
+    assert params["formula"] == pytest.approx(params["source"] * (
+        1 + params["mlp_fraction"] * (1 / layers) * (m - 1)))
+    assert round(params["formula"]) == params["source"] + (m - 1) * mlp
+
+
+def test_experts_are_cluster_means_and_router_routes_to_them(merged, fixtures_dir):
+    """With top-1 routing the MoE block computes the mean MLP of the chosen cluster."""
+    import transformers
+
+    report = json.loads((merged / "pacer_report.json").read_text())
+    for peer in report["align"]["peers"].values():  # fine-tunes of one basin: nothing moves
+        assert all(k["moved"] == 0 for k in peer["kinds"].values())
+    clusters = report["pacer"]["decision"]["clusters"][str(BLOCK)]
+    sources = [checkpoint(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2, 3)]
+    prefix = f"model.layers.{BLOCK}.mlp."
+    out = checkpoint(merged)
+    experts = {}
+    for e in range(3):
+        members = [k for k, c in enumerate(clusters) if c == e]
+        experts[e] = {p: torch.stack([sources[k][prefix + p + ".weight"] for k in members]).mean(0)
+                      for p in ("gate_proj", "up_proj", "down_proj")}
+        for p, w in experts[e].items():
+            assert torch.allclose(out[f"{prefix}experts.{e}.{p}.weight"], w, atol=1e-6)
+    consensus = {p: torch.stack([s[prefix + p + ".weight"] for s in sources]).mean(0)
+                 for p in ("gate_proj", "up_proj")}
+    sums = torch.stack([sum((experts[e][p] - consensus[p]).abs().sum(0) for p in consensus)
+                        for e in range(3)])
+    router = sums / sums.norm(dim=1, keepdim=True)
+    assert torch.allclose(out[prefix + "gate.weight"], router, atol=1e-5)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, num_experts_per_tok=1)
+    block = model.model.layers[BLOCK].mlp
+    gen = torch.Generator().manual_seed(0)
+    chosen = set()
+    for _ in range(40):
+        x = torch.randn(1, 1, router.shape[1], generator=gen)
+        m = int((x.reshape(-1) @ out[prefix + "gate.weight"].T).argmax())
+        chosen.add(m)
+        w = experts[m]
+        expected = (torch.nn.functional.silu(x @ w["gate_proj"].T) * (x @ w["up_proj"].T)) \
+            @ w["down_proj"].T
+        got = block(x)
+        got = got[0] if isinstance(got, tuple) else got
+        assert torch.allclose(got, expected, atol=1e-5)
+    assert len(chosen) >= 2  # the router does route to different experts
+
+
+def test_killed_runs_resume_to_identical_bytes(merged, tmp_path, fixtures_dir):
+    reference = digests(merged)
+    for failpoint in ("stats-unit:2", "unit-done:3"):
+        plan = write_plan(tmp_path, fixtures_dir, out=failpoint.split(":")[0])
+        killed = run_cli(plan, failpoint=failpoint)
+        assert killed.returncode == -9
+        resumed = run_cli(plan)
+        assert resumed.returncode == 0, resumed.stderr
+        assert digests(tmp_path / failpoint.split(":")[0]) == reference
+
+
+def test_merge_stays_within_its_memory_budget(merged):
+    report = json.loads((merged / "pacer_report.json").read_text())
+    assert report["this_run"]["peak_rss_bytes"] <= BUDGET
+
+
+def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
+    plan = write_plan(tmp_path, fixtures_dir, max_param_growth=1.05)
+    assert run_cli(plan).returncode == 0
+    report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
+    assert report["parameters"]["growth"] <= 1.05
+    assert not report["decision"]["blocks"]  # one upcycled block costs ~+14%: over the cap
+
+
+def test_disabled_upcycling_keeps_the_source_architecture(tmp_path, fixtures_dir):
+    plan = write_plan(tmp_path, fixtures_dir, enable_moe_upcycle=False)
+    assert run_cli(plan).returncode == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+
+
+def test_python_api_writes_the_same_files(merged, tmp_path, fixtures_dir, monkeypatch):
+    from pacer_stream import PACERMerger
+
+    monkeypatch.chdir(tmp_path)
+    merger = PACERMerger([str(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2, 3)],
+                         max_memory=str(BUDGET))
+    summary = merger.merge(interference_threshold=0.35, top_k_experts=2, output_path="api",
+                           shard_size="200KB")
+    assert summary["exported_as"] == "qwen2_moe" and summary["upcycled_blocks"] == [BLOCK]
+    ours = {k: v for k, v in digests(tmp_path / "api").items() if k != "README.md"}
+    assert ours == {k: v for k, v in digests(merged).items() if k != "README.md"}
+
+
+def test_analyze_reports_the_conflicting_block_as_the_highest_bar(tmp_path, fixtures_dir):
+    from matplotlib import image
+
+    plan = write_plan(tmp_path, fixtures_dir)
+    output = tmp_path / "analysis.json"
+    result = CliRunner().invoke(main, ["analyze", str(plan), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert f"block {BLOCK:>3}" in result.output and "<- upcycle" in result.output
+    report = json.loads(output.read_text())
+    values = {b["layer"]: b["mlp"]["interference"] for b in report["blocks"]}
+    assert max(values, key=values.get) == BLOCK
+    assert report["decision"]["blocks"] == [BLOCK]
+    pixels = image.imread(str(tmp_path / "analysis.png"))[..., :3]
+
+    def column_heights(hex_color: str) -> torch.Tensor:
+        rgb = torch.tensor([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        match = (torch.from_numpy(pixels.copy()) - rgb).abs().amax(-1) < 0.02
+        return match.sum(0)
+
+    red, blue = column_heights("#d62728"), column_heights("#1f77b4")
+    assert red.max() > 0 and red.max() > blue.max()  # the tallest bar is the red (upcycled) one
+
+    models = CliRunner().invoke(main, ["analyze", "--models",
+                                       *[str(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2)],
+                                       "--output", str(tmp_path / "two.json"), "--quiet"])
+    assert models.exit_code == 0, models.output
+    assert len(json.loads((tmp_path / "two.json").read_text())["model_similarity"]) == 2
+
+
+def test_analyze_refuses_bad_arguments(tmp_path, fixtures_dir):
+    one = CliRunner().invoke(main, ["analyze", "--models", str(fixtures_dir / "conflict" / "m1")])
+    assert one.exit_code == 2 and "at least two models" in one.output
+    plan = write_plan(tmp_path, fixtures_dir)
+    bad = CliRunner().invoke(main, ["analyze", str(plan), "--output", str(tmp_path / "x.txt")])
+    assert bad.exit_code == 2 and "ending in .json" in bad.output
+
+
+def test_bad_upcycling_options_are_refused(tmp_path, fixtures_dir):
+    for options, words in (({"max_experts": 1}, "max_experts"),
+                           ({"upcycle_fraction": 1.5}, "upcycle_fraction"),
+                           ({"expert_distance": 0}, "expert_distance"),
+                           ({"upcycle_fraction": 0.5, "max_param_growth": 1.3}, "not both")):
+        plan = write_plan(tmp_path, fixtures_dir, **options)
+        result = CliRunner().invoke(main, ["run", str(plan)])
+        assert result.exit_code == 2 and words in result.output
+        assert not (tmp_path / "out").exists()
