@@ -98,6 +98,20 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
 
 
 @main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--expert", help="The expert: its index, or the model's name in the plan.")
+@click.option("--coefficient", type=float, help="Any c instead of an expert's c_t.")
+@click.option("--to", "to", type=click.Path(path_type=Path), required=True,
+              help="Folder for the dense checkpoint.")
+def materialize(output: Path, expert: str | None, coefficient: float | None, to: Path) -> None:
+    """Write mu + c * eta of a split_merge OUTPUT as a dense checkpoint of the source architecture."""
+    from .materialize import materialize as write_expert
+
+    c = write_expert(output, to, expert, coefficient)
+    click.echo(f"wrote mu + {c:.6g} * eta to {to}")
+
+
+@main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--models", "as_models", is_flag=True,
               help="INPUTS are models (paths or hub ids) to analyze, not a plan file.")

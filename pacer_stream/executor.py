@@ -11,6 +11,7 @@ skips finished units and writes the same bytes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -142,6 +143,23 @@ class RssMonitor:
         self.peak = max(self.peak, peak_rss())
 
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the OS at once.
+
+    Slices come and go in sizes that raise glibc's dynamic mmap threshold, after which
+    they are carved from the heap and freed memory stays in the RSS (measured: +120 MB
+    over a Split-Merge of three 450 MB models). A fixed 1 MiB mmap threshold and trim
+    threshold keep the RSS at what the accounting plans for. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
 def peak_rss() -> int:
     """The kernel's high-water mark of this process's RSS (catches spikes between samples).
 
@@ -166,12 +184,18 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
         # the upcycled MLP blocks (if any) become experts instead
         method = "dare_ties"
         parameters = {"density": 1.0 - config.pacer["dropout_rate"], **parameters}
-    if method not in METHODS:
+    if method not in METHODS and method != "split_merge":
         raise PacerError(f"method {method!r} is not available in `run` yet "
-                         f"(available: pacer, {', '.join(METHODS)})")
+                         f"(available: pacer, split_merge, {', '.join(METHODS)})")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise PacerError("--device cuda: no CUDA device is available; use --device cpu")
+    return_freed_memory()
     models = ModelSet.from_plan(config)
+    if method == "split_merge":
+        from .split_job import SplitMergeJob
+
+        params = MethodParams.resolve("linear", config.models, parameters, config.seed)
+        return SplitMergeJob(config, models, params, options).run()
     params = MethodParams.resolve(method, config.models, parameters, config.seed)
     job = MergeJob(config, models, params, options)
     return job.run()

@@ -21,6 +21,7 @@ from .methods.consensus import part_of
 from .sizes import format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down")  # an expert is a whole MLP block
+SPLIT_PASSES = ("variance-high", "variance-low", "gram", "eta")  # see split_job
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -116,7 +117,8 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
 
     upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
     units = [_unit_plan(unit, graph, inputs, len(models.models), n_peers, out_dtype, budget,
-                        carried, aligning, upcycling) for unit in graph.units]
+                        carried, aligning, upcycling, config.method == "split_merge")
+             for unit in graph.units]
     input_bytes = sum(u.merge_read_bytes for u in units)
     dense_out = sum(u.write_bytes for u in units)
     consensus_read = sum(m.tensors[t].nbytes for m in inputs for u in graph.units
@@ -125,7 +127,7 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     stages = _stages(config, units, n_peers, graph, aligning, consensus_read)
     peak = max(units, key=lambda u: u.ram_bytes)
     problems = [u for u in units if u.problem]
-    write_max = dense_out
+    write_max = sum(s.write_bytes for s in stages)
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"]:
         # every MLP block upcycled to N experts: the upper bound on output size
         mlp_out = sum(_bytes(graph.nodes[t].info, out_dtype) for u in graph.units
@@ -149,7 +151,7 @@ def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
 
 def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: int,
                out_dtype: str | None, budget: int, carried: int, aligning: bool,
-               upcycling: bool) -> UnitPlan:
+               upcycling: bool, split: bool = False) -> UnitPlan:
     names = unit.tensors + unit.passthrough
     merge_read = sum(m.tensors[t].nbytes for m in inputs for t in names)
     permuted = [t for t in unit.tensors if graph.nodes[t].groups]
@@ -166,6 +168,8 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
         # an upcycled MLP tensor holds the N copies, the consensus and the expert means
         copies = 2 * n_models + 1 if upcycling and graph.nodes[t].role in EXPERT_ROLES \
             else len(inputs)
+        if split:  # see split_job.split_copies
+            copies = 2 * len(inputs) + 2
         slices = acct.plan_tensor(info.shape, copies, out_size, info.itemsize, budget)
         if not slices.fits and plan.problem is None:
             plan.problem = (f"{unit.name}: one row of {t} needs more than the "
@@ -217,9 +221,12 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
         seconds = {dev: consensus_read / rate.disk_read + consensus_read / 2 / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan("consensus", 1, consensus_read, 0, seconds))
-    passes = {"split_merge": ["variance", "gram+mu", "eta"]}.get(config.method, ["merge"])
+    passes = {"split_merge": list(SPLIT_PASSES)}.get(config.method, ["merge"])
+    density = float(config.parameters.get("density", 1.0))
     for name in passes:
-        out = 0 if name == "variance" else write
+        # Split-Merge writes μ in its second pass and η (≤ 12 bytes per selected entry) last
+        out = {"variance-low": write, "eta": int(min(3 * density, 1) * write * 2)}.get(
+            name, 0 if name in SPLIT_PASSES else write)
         seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write + elems / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan(name, 1, merge_read, out, seconds))
@@ -250,20 +257,20 @@ def render(plan: Plan) -> str:
         *(f"  {g['kind']:<10}{g['size']:>8}{g['count']:>8}{g['problems']:>10}" for g in plan.groups),
         "",
         f"stages ({len(plan.units)} units each):",
-        f"  {'stage':<10}{'passes':>7}{'read':>12}{'write':>12}{'cpu':>12}{'gpu':>12}",
+        f"  {'stage':<14}{'passes':>7}{'read':>12}{'write':>12}{'cpu':>12}{'gpu':>12}",
     ]
     for s in plan.stages:
-        lines.append(f"  {s.name:<10}{s.passes:>7}{format_size(s.read_bytes):>12}"
+        lines.append(f"  {s.name:<14}{s.passes:>7}{format_size(s.read_bytes):>12}"
                      f"{format_size(s.write_bytes):>12}{_duration(s.seconds['cpu']):>12}"
                      f"{_duration(s.seconds['gpu']):>12}")
     est = plan.est_seconds
     lines += [
-        f"  {'total':<10}{'':>7}{format_size(plan.read_bytes):>12}"
+        f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
         f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
         "",
-        f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.stages[-1].write_bytes)}"
+        f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.write_bytes)}"
         + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"
-           if plan.write_bytes_max > plan.stages[-1].write_bytes else ""),
+           if plan.write_bytes_max > plan.write_bytes else ""),
         f"peak RAM {format_size(plan.peak_ram_bytes)} at {plan.peak_unit} "
         f"(budget {format_size(plan.budget_bytes)})",
     ]

@@ -76,3 +76,44 @@ class RunState:
 
     def mark_complete(self) -> None:
         self.group.attrs["complete"] = True
+
+
+class PassCheckpoint:
+    """Cross-unit accumulators of a streaming pass, saved atomically with its position.
+
+    Arrays go into the idle one of two slots; then a single attributes write makes
+    that slot current together with the small ``record`` (position, scalars). A
+    kill at any moment leaves either the old or the new checkpoint, never a mix.
+
+        ckpt = PassCheckpoint(state.group.require_group("split"))
+        ckpt.save({"high": hist}, {"pass": "variance-high", "next_unit": 3})
+        arrays, record = ckpt.load()
+    """
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+
+    def save(self, arrays: dict[str, Any], record: dict[str, Any]) -> None:
+        import numpy as np
+
+        current = int(self.group.attrs.get("current", 1))
+        slot = f"slot{1 - current}"
+        for name, values in arrays.items():
+            values = np.asarray(values)
+            array = self.group.create_array(f"{slot}/{name}", shape=values.shape,
+                                            dtype=values.dtype, chunks=values.shape or None,
+                                            overwrite=True)
+            array[...] = values
+        self.group.attrs.update({"current": 1 - current, slot: {"record": record,
+                                                                "arrays": sorted(arrays)}})
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        import numpy as np
+
+        current = self.group.attrs.get("current")
+        if current is None:
+            return None
+        slot = f"slot{current}"
+        saved = self.group.attrs[slot]
+        arrays = {name: np.array(self.group[f"{slot}/{name}"][...]) for name in saved["arrays"]}
+        return arrays, dict(saved["record"])

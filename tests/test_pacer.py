@@ -171,7 +171,14 @@ def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
     assert run_cli(plan).returncode == 0
     report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
     assert report["parameters"]["growth"] <= 1.05
-    assert not report["decision"]["blocks"]  # one upcycled block costs ~+14%: over the cap
+    assert not report["decision"]["blocks"]  # one upcycled block costs ~+28%: over the cap
+
+    plan = write_plan(tmp_path, fixtures_dir, out="cap", max_param_growth=1.3)
+    assert run_cli(plan).returncode == 0
+    report = json.loads((tmp_path / "cap" / "pacer_report.json").read_text())["pacer"]
+    assert report["decision"]["mode"] == "max_param_growth"
+    assert report["decision"]["blocks"] == [BLOCK]  # the most conflicting one, and only it fits
+    assert 1.0 < report["parameters"]["growth"] <= 1.3
 
 
 def test_disabled_upcycling_keeps_the_source_architecture(tmp_path, fixtures_dir):
@@ -240,3 +247,36 @@ def test_bad_upcycling_options_are_refused(tmp_path, fixtures_dir):
         result = CliRunner().invoke(main, ["run", str(plan)])
         assert result.exit_code == 2 and words in result.output
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, exported", [("qwen2", "Qwen2MoeForCausalLM"),
+                                              ("qwen3", "Qwen3MoeForCausalLM"),
+                                              ("mistral", "Qwen2MoeForCausalLM"),
+                                              ("bert", None)])
+def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtures_dir):
+    """γ = 0 upcycles every block whose models differ at all: each decoder family exports
+    its MoE class and loads cleanly; encoders are merged dense with the reason recorded."""
+    import transformers
+
+    models = ", ".join(str(fixtures_dir / family / m) for m in ("ft1", "ft2", "ft3"))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{models}]\nmethod: pacer\npacer: {{interference_threshold: 0.0}}\n"
+                    f"output: {{path: {tmp_path / 'out'}}}\n")
+    proc = run_cli(plan)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert report["decision"]["blocks"] == [0, 1]
+    if exported is None:
+        assert report["exported_as"] == "dense" and config["model_type"] == family
+        assert "not supported" in report["decision"]["note"]
+        return
+    assert config["architectures"] == [exported]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                                    output_loading_info=True)
+    assert type(model).__name__ == exported
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+    written = sum(t.numel() for t in checkpoint(tmp_path / "out").values())
+    assert report["parameters"]["output"] == written

@@ -43,6 +43,7 @@ class OutTensor:
 class Shard:
     file: str
     tensors: list[OutTensor] = field(default_factory=list)
+    metadata: dict = field(default_factory=lambda: {"format": "pt"})
     header: bytes = b""
     offsets: dict[str, int] = field(default_factory=dict)  # absolute offset of each tensor
 
@@ -55,7 +56,8 @@ class Shard:
         return len(self.header) + sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
+def plan_shards(tensors: list[OutTensor], shard_size: int, stem: str = "model",
+                metadata: dict | None = None) -> list[Shard]:
     """Pack tensors, in order, into shards of at most ``shard_size`` bytes of data.
 
     A tensor larger than the shard size gets a shard of its own.
@@ -71,13 +73,13 @@ def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
     count = len(groups)
     shards = []
     for i, group in enumerate(groups, start=1):
-        name = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-        shards.append(_with_header(Shard(name, group)))
+        name = f"{stem}.safetensors" if count == 1 else f"{stem}-{i:05d}-of-{count:05d}.safetensors"
+        shards.append(_with_header(Shard(name, group, metadata or {"format": "pt"})))
     return shards
 
 
 def _with_header(shard: Shard) -> Shard:
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, object] = {"__metadata__": shard.metadata}
     offset = 0
     relative = {}
     for t in shard.tensors:

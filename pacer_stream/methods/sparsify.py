@@ -65,14 +65,27 @@ class MagnitudeSelect:
         if self.keep_all:
             return torch.ones(bits.shape, dtype=torch.bool, device=bits.device)
         if self.threshold is None:
-            low_bin, self.ties_left = _select(self.low, self.k_in_bin)
-            self.threshold = (self.bin << 16) | low_bin
-        keep = bits > self.threshold
-        if self.ties_left > 0:
-            equal = torch.nonzero(bits == self.threshold).reshape(-1)[: self.ties_left]
-            keep[equal] = True
-            self.ties_left -= len(equal)
+            self.threshold, self.ties_left = self.cut()
+        keep, self.ties_left = threshold_mask(bits, self.threshold, self.ties_left)
         return keep
+
+    def cut(self) -> tuple[int, int]:
+        """(threshold bits, how many elements equal to it are kept), once both passes ran."""
+        low_bin, ties = _select(self.low, self.k_in_bin)
+        return (self.bin << 16) | low_bin, ties
+
+
+def threshold_mask(bits: torch.Tensor, threshold: int, ties_left: int) -> tuple[torch.Tensor, int]:
+    """Keep bits above ``threshold`` and the first ``ties_left`` equal to it (flat order).
+
+    Returns the mask and the ties still to keep in later slices.
+    """
+    keep = bits > threshold
+    if ties_left > 0:
+        equal = torch.nonzero(bits == threshold).reshape(-1)[:ties_left]
+        keep[equal] = True
+        ties_left -= len(equal)
+    return keep, ties_left
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
