@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -38,11 +37,10 @@ from .align.stage import AlignStage
 from .export.dense import copy_side_files, model_card, write_card, write_config
 from .export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type, moe_parameter_count,
                          moe_recipes)
-from .graph import Unit, source_index
+from .graph import source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
-from .io.sources import parse_ref
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge

@@ -8,11 +8,7 @@ exactly, resume to the same bytes, and stay in its memory budget.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +17,16 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import make_fixtures
+from runs import digests, run_cli
 from pacer_stream.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = make_fixtures.CONFLICT_BLOCK
 BUDGET = 600 * 2**20
+
+
+def run_budgeted(plan: Path, *args: str, **kwargs):
+    return run_cli(plan, "--max-memory", str(BUDGET), *args, **kwargs)
 
 
 def write_plan(tmp: Path, fixtures: Path, out: str = "out", **pacer) -> Path:
@@ -36,20 +37,6 @@ def write_plan(tmp: Path, fixtures: Path, out: str = "out", **pacer) -> Path:
     plan.write_text(f"models: [{models}]\nmethod: pacer\nseed: 0\npacer: {{{text}}}\n"
                     f"output: {{path: {tmp / out}, shard_size: 200KB}}\n")
     return plan
-
-
-def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PACER_STREAM_FAILPOINT"}
-    if failpoint:
-        env["PACER_STREAM_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), "--quiet",
-                           "--max-memory", str(BUDGET), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "pacer_report.json"}
 
 
 def checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +50,7 @@ def checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, fixtures_dir) -> Path:
     tmp = tmp_path_factory.mktemp("pacer")
-    proc = run_cli(write_plan(tmp, fixtures_dir))
+    proc = run_budgeted(write_plan(tmp, fixtures_dir))
     assert proc.returncode == 0, proc.stderr
     return tmp / "out"
 
@@ -154,9 +141,9 @@ def test_killed_runs_resume_to_identical_bytes(merged, tmp_path, fixtures_dir):
     reference = digests(merged)
     for failpoint in ("stats-unit:2", "unit-done:3"):
         plan = write_plan(tmp_path, fixtures_dir, out=failpoint.split(":")[0])
-        killed = run_cli(plan, failpoint=failpoint)
+        killed = run_budgeted(plan, failpoint=failpoint)
         assert killed.returncode == -9
-        resumed = run_cli(plan)
+        resumed = run_budgeted(plan)
         assert resumed.returncode == 0, resumed.stderr
         assert digests(tmp_path / failpoint.split(":")[0]) == reference
 
@@ -168,13 +155,13 @@ def test_merge_stays_within_its_memory_budget(merged):
 
 def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, max_param_growth=1.05)
-    assert run_cli(plan).returncode == 0
+    assert run_budgeted(plan).returncode == 0
     report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
     assert report["parameters"]["growth"] <= 1.05
     assert not report["decision"]["blocks"]  # one upcycled block costs ~+28%: over the cap
 
     plan = write_plan(tmp_path, fixtures_dir, out="cap", max_param_growth=1.3)
-    assert run_cli(plan).returncode == 0
+    assert run_budgeted(plan).returncode == 0
     report = json.loads((tmp_path / "cap" / "pacer_report.json").read_text())["pacer"]
     assert report["decision"]["mode"] == "max_param_growth"
     assert report["decision"]["blocks"] == [BLOCK]  # the most conflicting one, and only it fits
@@ -183,7 +170,7 @@ def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
 
 def test_disabled_upcycling_keeps_the_source_architecture(tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, enable_moe_upcycle=False)
-    assert run_cli(plan).returncode == 0
+    assert run_budgeted(plan).returncode == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama"
 
@@ -262,7 +249,7 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"models: [{models}]\nmethod: pacer\npacer: {{interference_threshold: 0.0}}\n"
                     f"output: {{path: {tmp_path / 'out'}}}\n")
-    proc = run_cli(plan)
+    proc = run_budgeted(plan)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import make_fixtures
+from runs import digests, run_cli
 from pacer_stream import accounting as acct
 from pacer_stream.cli import main
 from pacer_stream.inputs import ModelSet
@@ -29,14 +26,6 @@ def write_plan(tmp: Path, models: list[Path], out: str = "out", density: float =
                     f"parameters: {{density: {density}}}\n"
                     f"output: {{path: {tmp / out}, shard_size: 200KB}}\n")
     return plan
-
-
-def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PACER_STREAM_FAILPOINT"}
-    if failpoint:
-        env["PACER_STREAM_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), "--quiet",
-                           *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def in_memory_split_merge(models: list[Path], density: float) -> dict:
@@ -85,11 +74,6 @@ def read_eta(folder: Path) -> dict[str, torch.Tensor]:
             elif "::" not in name:
                 out[name] = f.get_tensor(name)
     return out
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "pacer_report.json"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,24 @@
+"""Helpers for tests that run `pacer-stream run` as a real process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    """``pacer-stream run PLAN --quiet ARGS`` in a subprocess, optionally with a failpoint."""
+    env = {k: v for k, v in os.environ.items() if k != "PACER_STREAM_FAILPOINT"}
+    if failpoint:
+        env["PACER_STREAM_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), "--quiet",
+                           *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every output file but the report (which records timings)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "pacer_report.json"}
