@@ -60,6 +60,13 @@ def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:
         if a.config.get(key) != b.config.get(key):
             raise PacerError(f"{b.label}: config {key}={b.config.get(key)!r} differs from "
                              f"{a.label} ({a.config.get(key)!r}); models must share one shape")
+    labels_a, labels_b = a.config.get("id2label"), b.config.get("id2label")
+    if labels_a and labels_b and _labels(labels_a) != _labels(labels_b) and any(
+            "classifier" in name for name in a.tensors):
+        raise PacerError(f"{b.label}: its classifier's labels (id2label) differ from "
+                         f"{a.label}'s; heads with different label sets are outputs, not "
+                         "mergeable weights: merge the backbones (ViTModel / BertModel "
+                         "checkpoints) or give the models the same label set")
     only_a = sorted(set(a.tensors) - set(b.tensors))
     only_b = sorted(set(b.tensors) - set(a.tensors))
     if only_a or only_b:
@@ -70,3 +77,7 @@ def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:
         if other.shape != info.shape:
             raise PacerError(f"tensor {name!r} has shape {list(other.shape)} in {b.label} but "
                              f"{list(info.shape)} in {a.label}")
+
+
+def _labels(id2label: dict) -> dict[int, str]:
+    return {int(k): str(v) for k, v in id2label.items()}

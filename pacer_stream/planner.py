@@ -20,7 +20,8 @@ from .io.header import DTYPES, TensorInfo
 from .methods.consensus import part_of
 from .sizes import format_size
 
-EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down")  # an expert is a whole MLP block
+EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
+                "mlp.down.bias")  # an expert is a whole MLP block, biases included
 SPLIT_PASSES = ("variance-high", "variance-low", "gram", "eta")  # see split_job
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

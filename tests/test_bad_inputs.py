@@ -212,3 +212,16 @@ def test_console_script_one_line_and_exit_2(models):
     debug = subprocess.run([sys.executable, "-m", "pacer_stream", "--debug", "plan", str(plan)],
                            capture_output=True, text=True)
     assert "Traceback" in debug.stderr
+
+
+def test_classifiers_with_different_label_sets(tmp_path, fixtures_dir):
+    """Classifier heads over different labels are outputs, not mergeable weights."""
+    for name in ("ft1", "ft2"):
+        shutil.copytree(fixtures_dir / "vit" / name, tmp_path / "vit" / name)
+    config_file = tmp_path / "vit/ft2/config.json"
+    config = json.loads(config_file.read_text())
+    config["id2label"] = {str(i): f"class-{i}" for i in range(5)}
+    config["label2id"] = {f"class-{i}": i for i in range(5)}
+    config_file.write_text(json.dumps(config))
+    _fails(_plan(tmp_path, ["vit/ft1", "vit/ft2"]), "vit/ft2", "id2label", "label set",
+           root=tmp_path / "vit")
