@@ -51,6 +51,7 @@ PACER_DEFAULTS: dict[str, Any] = {
     "max_experts": None,  # cap on the experts per upcycled block (default: the number of models)
     "expert_distance": 1.0,  # join clusters whose average 1 - cos(deviations) is below this
     "router_temperature": 1.0,
+    "tome_r": 0,  # ViT-MoE outputs: tokens merged per block at inference (ToMe), 0 = off
     "align": True,
 }
 
@@ -188,6 +189,8 @@ def _check_pacer(p: dict, where: str) -> None:
         value = _number(p[key], f"{where}.{key}")
         if not 0 <= value < 1 + (key == "interference_threshold"):
             raise PacerError(f"{where}.{key} out of range: {value}")
+    if not isinstance(p["tome_r"], int) or isinstance(p["tome_r"], bool) or p["tome_r"] < 0:
+        raise PacerError(f"{where}.tome_r must be a non-negative integer, got {p['tome_r']!r}")
     for key in ("top_k_experts", "max_sweeps"):
         if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
             raise PacerError(f"{where}.{key} must be a positive integer, got {p[key]!r}")

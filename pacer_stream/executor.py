@@ -35,6 +35,8 @@ from .config import PlanConfig
 from .errors import PacerError
 from .align.stage import AlignStage
 from .export.dense import copy_side_files, model_card, write_card, write_config
+from .export.vit_moe import (VitMoeLayout, vit_moe_config, vit_moe_recipes,
+                              write_modeling)
 from .export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type, moe_parameter_count,
                          moe_recipes)
 from .graph import source_index
@@ -50,6 +52,7 @@ from .sizes import format_size
 from .state import STATE_DIR, RunState, fingerprint
 
 REPORT = "pacer_report.json"
+VIT_MOE = "vit_moe"  # ViT has no stock MoE class: custom modeling code in the output
 ROUTER_ROLES = ("mlp.gate", "mlp.up")  # the router prototypes come from these
 
 
@@ -214,7 +217,8 @@ class MergeJob:
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
         self.shard_size = options.shard_size or config.output.shard_size
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
-        self.moe_type = moe_model_type(models.spec.family)
+        self.moe_type = VIT_MOE if models.spec.family == "vit" else moe_model_type(
+            models.spec.family)
         self.stats: dict[int, dict[str, PartStats]] = {}  # layer -> part -> consensus sums
         self.decision: Decision | None = None
         self.prototypes: dict[int, torch.Tensor] = {}  # layer -> router sums, while writing it
@@ -231,9 +235,8 @@ class MergeJob:
         shapes = {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
                       tuple(self.anchor.tensors[t].shape)) for t in self.order}
         if decision is not None and decision.upcycles and self.moe_type is not None:
-            self.layout = MoeLayout(self.models.spec.family, self.models.graph.dims["layers"],
-                                    tuple(decision.blocks), decision.num_experts, decision.top_k)
-            recipes = moe_recipes(self.layout, shapes)
+            self.layout, recipes = self._moe_layout(decision.blocks, decision.num_experts,
+                                                    decision.top_k, shapes)
         else:
             recipes = [OutRecipe(t, dtype, shape, "source", t) for t, (dtype, shape) in shapes.items()]
         rank = {u.name: i for i, u in enumerate(self.models.graph.units)}
@@ -250,6 +253,17 @@ class MergeJob:
                 names[r.expert] = r.name
         self.out = {r.name: OutTensor(r.name, r.dtype, tuple(r.shape)) for r in self.recipes}
         self.shards = plan_shards([self.out[r.name] for r in self.recipes], self.shard_size)
+
+    def _moe_layout(self, blocks: list[int], experts: int, top_k: int,
+                    shapes: dict[str, tuple[str, tuple[int, ...]]]):
+        """The export layout and its output recipes: ViT-MoE (custom code) or qwen*_moe."""
+        layers = self.models.graph.dims["layers"]
+        if self.moe_type == VIT_MOE:
+            layout = VitMoeLayout(layers, tuple(blocks), experts, top_k,
+                                  self.config.pacer["tome_r"])
+            return layout, vit_moe_recipes(layout, shapes)
+        layout = MoeLayout(self.models.spec.family, layers, tuple(blocks), experts, top_k)
+        return layout, moe_recipes(layout, shapes)
 
     def _recipe_unit(self, recipe: OutRecipe) -> str:
         if recipe.source in self.unit_of:
@@ -431,11 +445,11 @@ class MergeJob:
             extra = sum(self._mlp_params(b) * (experts - 1) + experts * self.models.graph.dims[
                 "residual"] for b in blocks)
             return (self.source_params + extra) / self.source_params
-        layout = MoeLayout(self.models.spec.family, self.models.graph.dims["layers"], tuple(blocks),
-                           experts, min(self.config.pacer["top_k_experts"], experts))
         shapes = {t: (self.anchor.tensors[t].dtype, tuple(self.anchor.tensors[t].shape))
                   for t in self.order}
-        return moe_parameter_count(moe_recipes(layout, shapes)) / self.source_params
+        _, recipes = self._moe_layout(blocks, experts,
+                                      min(self.config.pacer["top_k_experts"], experts), shapes)
+        return moe_parameter_count(recipes) / self.source_params
 
     def _mlp_params(self, layer: int) -> int:
         unit = next(u for u in self.models.graph.units if u.layer == layer)
@@ -602,7 +616,10 @@ class MergeJob:
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
         writer.write_index()
         config = self.anchor.config
-        if self.layout is not None:
+        if isinstance(self.layout, VitMoeLayout):
+            config = vit_moe_config(config, self.layout)
+            write_modeling(self.out_dir)
+        elif self.layout is not None:
             config = moe_config(config, self.layout)
         write_config(self.out_dir, config, self.out_dtype)
         tokenizer = self.anchor

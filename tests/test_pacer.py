@@ -239,6 +239,7 @@ def test_bad_upcycling_options_are_refused(tmp_path, fixtures_dir):
 @pytest.mark.parametrize("family, exported", [("qwen2", "Qwen2MoeForCausalLM"),
                                               ("qwen3", "Qwen3MoeForCausalLM"),
                                               ("mistral", "Qwen2MoeForCausalLM"),
+                                              ("vit", "ViTMoeForImageClassification"),
                                               ("bert", None)])
 def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtures_dir):
     """γ = 0 upcycles every block whose models differ at all: each decoder family exports
@@ -259,11 +260,16 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
         assert "not supported" in report["decision"]["note"]
         return
     assert config["architectures"] == [exported]
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
-                                                                    output_loading_info=True)
+    if family == "vit":  # no stock ViT-MoE: the modeling code travels with the checkpoint
+        model, info = transformers.AutoModelForImageClassification.from_pretrained(
+            tmp_path / "out", output_loading_info=True, trust_remote_code=True)
+        logits = model(pixel_values=torch.randn(1, 3, 32, 32)).logits
+    else:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "out", output_loading_info=True)
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert type(model).__name__ == exported
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
     written = sum(t.numel() for t in checkpoint(tmp_path / "out").values())
     assert report["parameters"]["output"] == written
