@@ -157,5 +157,15 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
     click.echo(f"wrote {output} and {figure}")
 
 
+def _register_router_commands() -> None:
+    from .cli_router import route, router
+
+    main.add_command(router)
+    main.add_command(route)
+
+
+_register_router_commands()
+
+
 if __name__ == "__main__":
     sys.exit(main())
