@@ -1,0 +1,533 @@
+"""ViT with mixture-of-experts MLP blocks and token merging (ToMe); standalone.
+
+pacer-stream copies this file verbatim next to an upcycled ViT's weights, so the folder
+loads with ``trust_remote_code=True``::
+
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+
+It imports only torch and transformers. Parameter names are those transformers writes
+for ViT checkpoints (``vit.encoder.layer.{i}.attention.attention.query.weight``, ...);
+a block listed in ``config.moe_layers`` has, instead of ``intermediate.dense`` and
+``output.dense``, M experts and a router::
+
+    vit.encoder.layer.{i}.moe.experts.{e}.fc1.{weight,bias}   # d -> I, a copy of intermediate.dense
+    vit.encoder.layer.{i}.moe.experts.{e}.fc2.{weight,bias}   # I -> d, a copy of output.dense
+    vit.encoder.layer.{i}.moe.gate.weight                     # router [M, d], no bias
+
+Routing: softmax over the M router logits, keep the top k, renormalise them to sum 1,
+output = sum of weight * expert(x).
+
+Token merging (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023), on when
+``config.tome_r > 0``: in every block, between attention and MLP, the r most similar
+token pairs are merged by bipartite soft matching on the attention keys, and attention
+becomes proportional (log of each key token's size added to the logits), so a merged
+token weighs as much as the tokens it stands for. ``apply_tome(model, r)`` adds the same
+to a plain transformers ``ViTModel`` / ``ViTForImageClassification``.
+
+With ``tome_r == 0`` every block computes exactly the eager attention of transformers'
+ViT (same operations in the same order), so a top-1 ViT-MoE whose experts all equal the
+dense MLP reproduces the dense model.
+"""
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, ViTConfig
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer, ViTModel, ViTPooler
+
+Merge = Callable[..., torch.Tensor]
+Unmerge = Callable[[torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+# -- config ------------------------------------------------------------------------
+
+
+class ViTMoeConfig(ViTConfig):
+    """A ViTConfig plus the upcycled blocks, their routing, and token merging."""
+
+    model_type = "vit_moe"
+    moe_layers: list[int] | tuple[int, ...] = ()  # block indices whose MLP is an MoE
+    num_experts: int = 2  # M, experts per MoE block
+    num_experts_per_tok: int = 1  # top_k
+    tome_r: int = 0  # tokens merged away per block; 0 = no merging
+    tome_unmerge: bool = False  # gather the final tokens back to the input length
+    add_pooling_layer: bool = True  # ViTMoeModel only: build the pooler (as ViTModel does)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.moe_layers = [int(i) for i in self.moe_layers]
+        layers = self.moe_layers
+        out_of_range = any(not 0 <= i < self.num_hidden_layers for i in layers)
+        if layers != sorted(set(layers)) or out_of_range:
+            raise ValueError(f"moe_layers must be sorted unique block indices below "
+                             f"num_hidden_layers={self.num_hidden_layers}, got {layers}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be between 1 and num_experts "
+                             f"({self.num_experts}), got {self.num_experts_per_tok}")
+        if self.tome_r < 0:
+            raise ValueError(f"tome_r must be >= 0 (0 turns merging off), got {self.tome_r}")
+
+
+# -- token merging -----------------------------------------------------------------
+
+
+def max_merges(tokens: int, protect_cls: bool = True) -> int:
+    """The most tokens one bipartite matching can remove from ``tokens``.
+
+    Only A tokens (even positions) are removed, each into a B token (odd positions), so
+    at most all of A goes; the CLS token is in A and stays when protected. Either way
+    at least the CLS token and one other remain.
+    """
+    a_tokens = (tokens + 1) // 2
+    return max(0, min(a_tokens - int(protect_cls), tokens - 2))
+
+
+def bipartite_soft_matching(keys: torch.Tensor, r: int,
+                            protect_cls: bool = True) -> tuple[Merge, Unmerge]:
+    """Match the r most similar token pairs of ``keys`` [B, T, C] (ToMe, Bolya et al. 2023).
+
+    Tokens alternate into set A (even positions) and B (odd positions); each A token
+    picks its most cosine-similar B token, and the r A tokens with the highest such
+    similarity are merged into their pick. r is capped by :func:`max_merges`.
+
+    Returns ``merge(x, mode="mean")``, which maps [B, T, ...] to [B, T - r, ...]
+    ("sum" adds each merged token into its partner, "mean" averages them: use
+    :func:`merge_wavg` for size-weighted averages), and ``unmerge(y)``, which maps
+    [B, T - r, ...] back to [B, T, ...] by giving every position the value of the token
+    it went into. Surviving tokens keep their relative order, so CLS stays at index 0.
+    """
+    batch, tokens = keys.shape[:2]
+    r = min(r, max_merges(tokens, protect_cls))
+    if r <= 0:
+        return (lambda x, mode="mean": x), (lambda y: y)
+    with torch.no_grad():  # the matching is a discrete choice: no gradient through it
+        unit = nn.functional.normalize(keys.float(), dim=-1)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [B, |A|, |B|] cosines
+        if protect_cls:
+            scores[:, 0] = -math.inf  # CLS (position 0, first of A) is never merged away
+        best, partner = scores.max(dim=-1)  # each A token's most similar B token
+        chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]
+        src = 2 * chosen  # positions of the merged-away A tokens
+        dst = 2 * partner.gather(1, chosen) + 1  # positions of their B partners
+        keep = torch.ones(batch, tokens, dtype=torch.bool, device=keys.device)
+        keep.scatter_(1, src, False)
+        kept = torch.arange(tokens, device=keys.device).expand(batch, tokens)[keep]
+        kept = kept.view(batch, tokens - r)  # surviving positions, in order
+        # new_index[b, p]: where old position p lives after the merge
+        new_index = keep.long().cumsum(dim=1) - 1
+        new_index.scatter_(1, src, new_index.gather(1, dst))  # dst never moves, so this is final
+
+    def along(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``index`` [B, n] broadcast over x's trailing dims, for gather/scatter on dim 1."""
+        return index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        moved = x.gather(1, along(src, x))
+        x = x.scatter_reduce(1, along(dst, x), moved, reduce=mode, include_self=True)
+        return x.gather(1, along(kept, x))
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        return y.gather(1, along(new_index, y))
+
+    return merge, unmerge
+
+
+def merge_wavg(merge: Merge, x: torch.Tensor,
+               size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` [B, T, C] into size-weighted averages; returns (x, size) merged.
+
+    ``size`` [B, T, 1] counts the original patches each token stands for (None: all 1).
+    A merged token is (s_a x_a + s_b x_b) / (s_a + s_b) and has size s_a + s_b.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1], dtype=torch.float32)
+    total = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return (total / size).to(x.dtype), size
+
+
+def merge_source(unmerge: Unmerge, source: torch.Tensor, merged_tokens: int) -> torch.Tensor:
+    """Compose the map original token -> current index, ``source`` [B, N], with one merge.
+
+    Unmerging the identity of the merged sequence gives each old position's new index.
+    """
+    step = torch.arange(merged_tokens, device=source.device).expand(source.shape[0], -1)
+    return unmerge(step).gather(1, source)
+
+
+def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Back to the original length: original token j gets the value of its current token."""
+    return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class ToMeState:
+    """Merge bookkeeping of one forward pass: merges per block, token sizes, and sources."""
+
+    def __init__(self, r: int, unmerge: bool = False):
+        self.r = r  # tokens merged away per block
+        self.unmerge = unmerge  # gather the final tokens back to the input length
+        self.size: torch.Tensor | None = None  # [B, T, 1] patches per token; None = all 1
+        self.source: torch.Tensor | None = None  # [B, N] original -> current index; None = identity
+
+    def __repr__(self) -> str:
+        return f"ToMeState(r={self.r}, unmerge={self.unmerge})"
+
+    def reset(self) -> None:
+        self.size, self.source = None, None
+
+    def merge(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Merge ``x`` [B, T, C] by the similarity of ``keys`` [B, T, hd]; updates sizes/sources."""
+        merge, unmerge = bipartite_soft_matching(keys, self.r)
+        if self.source is None:
+            self.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        x, self.size = merge_wavg(merge, x, self.size)
+        self.source = merge_source(unmerge, self.source, x.shape[1])
+        return x
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states, unmerged to the input length when asked."""
+        return unmerge_tokens(x, self.source) if self.unmerge and self.source is not None else x
+
+
+def proportional_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module,
+                           head_dim: int, size: torch.Tensor | None = None,
+                           dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(hd) + log size) V over the heads; returns (context, keys).
+
+    With ``size`` None this is, operation for operation, transformers' eager ViT
+    attention (so bit-identical to it). context is [B, T, H * hd] (before the output
+    projection), keys are [B, H, T, hd].
+    """
+    shape = (*x.shape[:-1], -1, head_dim)
+    q = query(x).view(shape).transpose(1, 2)
+    k = key(x).view(shape).transpose(1, 2)
+    v = value(x).view(shape).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5
+    if size is not None:  # a key standing for s patches counts s times (ToMe, eq. 1)
+        scores = scores + size.log().transpose(1, 2)[:, None]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+    context = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    return context.reshape(*x.shape[:-1], -1).contiguous(), k
+
+
+def tome_block(x: torch.Tensor, norm_before: nn.Module, attend: Attend, norm_after: nn.Module,
+               mlp: Callable[[torch.Tensor], torch.Tensor], dropout: nn.Module,
+               state: ToMeState | None) -> torch.Tensor:
+    """One pre-norm ViT block with ToMe between attention and MLP (the paper's placement).
+
+    ``attend(h, size)`` returns (attention output, keys [B, H, T, hd]). The residual sums
+    keep transformers' operand order (branch + residual).
+    """
+    attended, keys = attend(norm_before(x), state.size if state is not None else None)
+    x = dropout(attended) + x
+    if state is not None and state.r > 0:
+        x = state.merge(x, keys.mean(dim=1))  # keys averaged over heads, as in ToMe
+    return dropout(mlp(norm_after(x))) + x
+
+
+# -- ToMe for a plain transformers ViT ---------------------------------------------
+
+
+def _vit_backbone(model: nn.Module) -> nn.Module:
+    """The ViTModel / ViTMoeModel inside ``model`` (or ``model`` itself)."""
+    backbone = getattr(model, "vit", model)
+    if not isinstance(backbone, (ViTModel, ViTMoeModel)):
+        raise ValueError(f"apply_tome: expected a transformers ViTModel or "
+                         f"ViTForImageClassification (or a ViT-MoE), got {type(model).__name__}")
+    return backbone
+
+
+class ToMeViTLayer(ViTLayer):
+    """transformers' ViTLayer with ToMe; :func:`apply_tome` switches layers to this class.
+
+    A class switch rather than a patched ``forward`` closure, so patched models still
+    deepcopy and pickle. ``tome_state`` is shared by all layers of one model.
+    """
+
+    tome_state: ToMeState
+    tome_index: int  # place in the stack: the first layer starts a fresh state
+    tome_last: bool  # the last layer unmerges, when asked
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        state = self.tome_state
+        if state.r == 0:  # bit-identical to the unpatched model, whatever its attention backend
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("apply_tome: attention_mask is not supported with token merging "
+                             "(merged tokens have no mask row); pass attention_mask=None")
+        if self.tome_index == 0:
+            state.reset()
+        x = tome_block(hidden_states, self.layernorm_before, self.attend, self.layernorm_after,
+                       self.mlp, self.dropout, state)
+        return state.finish(x) if self.tome_last else x
+
+    def attend(self, h: torch.Tensor,
+               size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proportional attention with this layer's projections; (output, keys)."""
+        a = self.attention
+        p = a.attention_dropout if a.training else 0.0
+        context, keys = proportional_attention(h, a.q_proj, a.k_proj, a.v_proj, a.head_dim,
+                                               size, p)
+        return a.o_proj(context), keys
+
+
+def apply_tome(model: nn.Module, r: int, unmerge: bool = False) -> nn.Module:
+    """Turn on token merging, r tokens per block, in a ViT; returns ``model``.
+
+    A transformers ``ViTModel`` / ``ViTForImageClassification`` has its layers switched
+    to :class:`ToMeViTLayer` (call again to change r; :func:`remove_tome` undoes it); a
+    ViT-MoE just gets its config updated. ``unmerge`` gathers the last hidden states back
+    to the input length. r = 0 leaves the outputs bit-identical to the unpatched model.
+    """
+    if r < 0:
+        raise ValueError(f"apply_tome: r must be >= 0 (0 turns merging off), got {r}")
+    backbone = _vit_backbone(model)
+    if isinstance(backbone, ViTMoeModel):
+        backbone.config.tome_r, backbone.config.tome_unmerge = r, unmerge
+        return model
+    state = ToMeState(r, unmerge)
+    for i, layer in enumerate(backbone.layers):
+        if type(layer) not in (ViTLayer, ToMeViTLayer):
+            raise ValueError(f"apply_tome: layer {i} is a {type(layer).__name__}, not a "
+                             f"transformers ViTLayer; ToMe needs the stock ViT block")
+        layer.__class__ = ToMeViTLayer
+        layer.tome_state, layer.tome_index = state, i
+        layer.tome_last = i == len(backbone.layers) - 1
+    model.tome_state = state
+    return model
+
+
+def remove_tome(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tome` on a transformers ViT (a ViT-MoE: set tome_r to 0)."""
+    backbone = _vit_backbone(model)
+    if isinstance(backbone, ViTMoeModel):
+        backbone.config.tome_r = 0
+        return model
+    for layer in backbone.layers:
+        if isinstance(layer, ToMeViTLayer):
+            layer.__class__ = ViTLayer
+            for name in ("tome_state", "tome_index", "tome_last"):
+                layer.__dict__.pop(name, None)
+    model.__dict__.pop("tome_state", None)
+    return model
+
+
+# -- modules -----------------------------------------------------------------------
+
+
+class ViTMoeDense(nn.Module):
+    """A Linear under ``.dense``: the nesting of transformers' ViT checkpoint names."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+
+class ViTMoeSelfAttention(nn.Module):
+    """The query/key/value projections (``attention.attention.{query,key,value}``)."""
+
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        d = config.hidden_size
+        self.query = nn.Linear(d, d, bias=config.qkv_bias)
+        self.key = nn.Linear(d, d, bias=config.qkv_bias)
+        self.value = nn.Linear(d, d, bias=config.qkv_bias)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+
+class ViTMoeAttention(nn.Module):
+    """Multi-head self-attention, proportional when token sizes are given."""
+
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__()
+        self.attention = ViTMoeSelfAttention(config)
+        self.output = ViTMoeDense(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor,
+                size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.attention
+        p = a.dropout_prob if self.training else 0.0
+        context, keys = proportional_attention(x, a.query, a.key, a.value, a.head_dim, size, p)
+        return self.output(context), keys
+
+
+class ViTMoeExpert(nn.Module):
+    """One expert: a whole copy of the ViT MLP (fc1, activation, fc2)."""
+
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTMoeSparseMlp(nn.Module):
+    """Top-k routed experts: softmax router, top k kept and renormalised to sum 1."""
+
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(ViTMoeExpert(config) for _ in range(config.num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts), both [tokens, top_k], for flat tokens ``x`` [tokens, d]."""
+        probs = nn.functional.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        # renormalised: top-1 weights are exactly 1 (p / p), so identical experts give
+        # exactly the dense output
+        return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():  # each expert runs only on the tokens routed to it
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        return out.view_as(x)
+
+
+class ViTMoeLayer(nn.Module):
+    """A pre-norm ViT block whose MLP is dense or a routed MoE."""
+
+    def __init__(self, config: ViTMoeConfig, moe: bool):
+        super().__init__()
+        self.attention = ViTMoeAttention(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if moe:
+            self.moe = ViTMoeSparseMlp(config)
+        else:  # the dense MLP under its checkpoint names
+            self.intermediate = ViTMoeDense(config.hidden_size, config.intermediate_size)
+            self.output = ViTMoeDense(config.intermediate_size, config.hidden_size)
+            self.act = ACT2FN[config.hidden_act]
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "moe"):
+            return self.moe(x)
+        return self.output(self.act(self.intermediate(x)))
+
+    def forward(self, x: torch.Tensor, state: ToMeState | None = None) -> torch.Tensor:
+        return tome_block(x, self.layernorm_before, self.attention, self.layernorm_after,
+                          self.mlp, self.dropout, state)
+
+
+class ViTMoeEncoder(nn.Module):
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__()
+        moe = set(config.moe_layers)
+        self.layer = nn.ModuleList(ViTMoeLayer(config, i in moe)
+                                   for i in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, state: ToMeState | None = None,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple | None]:
+        hidden = (x,) if output_hidden_states else None
+        for layer in self.layer:
+            x = layer(x, state)
+            if hidden is not None:
+                hidden += (x,)  # lengths shrink block by block when merging
+        return x, hidden
+
+
+# -- models ------------------------------------------------------------------------
+
+
+class ViTMoePreTrainedModel(PreTrainedModel):
+    config_class = ViTMoeConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["ViTEmbeddings", "ViTMoeLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ViTEmbeddings):  # as transformers' ViT does
+            std = self.config.initializer_range
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+
+
+class ViTMoeModel(ViTMoePreTrainedModel):
+    """The ViT-MoE backbone; names as transformers' ViTModel checkpoints (no ``vit.``)."""
+
+    def __init__(self, config: ViTMoeConfig, add_pooling_layer: bool | None = None):
+        super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = config.add_pooling_layer
+        self.embeddings = ViTEmbeddings(config)
+        self.encoder = ViTMoeEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = ViTPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPooling | tuple:
+        expected = self.embeddings.patch_embeddings.projection.weight.dtype
+        x = self.embeddings(pixel_values.to(expected),
+                            interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        state = ToMeState(self.config.tome_r, self.config.tome_unmerge) \
+            if self.config.tome_r > 0 else None
+        x, hidden = self.encoder(x, state, bool(output_hidden_states))
+        if state is not None:
+            x = state.finish(x)
+        x = self.layernorm(x)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled,
+                                         hidden_states=hidden)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class ViTMoeForImageClassification(ViTMoePreTrainedModel):
+    """ViT-MoE with a linear classifier on the final CLS token (always index 0)."""
+
+    def __init__(self, config: ViTMoeConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = ViTMoeModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) \
+            if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                interpolate_pos_encoding: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> ImageClassifierOutput | tuple:
+        out = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                       output_hidden_states=output_hidden_states)
+        logits = self.classifier(out.last_hidden_state[:, 0, :])
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        result = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+__all__ = [
+    "ViTMoeConfig", "ViTMoeModel", "ViTMoeForImageClassification", "ViTMoePreTrainedModel",
+    "ToMeState", "ToMeViTLayer", "apply_tome", "remove_tome", "bipartite_soft_matching",
+    "merge_wavg", "merge_source", "unmerge_tokens", "max_merges", "proportional_attention",
+    "tome_block",
+]
