@@ -248,7 +248,9 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
 
     models = ", ".join(str(fixtures_dir / family / m) for m in ("ft1", "ft2", "ft3"))
     plan = tmp_path / "plan.yaml"
-    plan.write_text(f"models: [{models}]\nmethod: pacer\npacer: {{interference_threshold: 0.0}}\n"
+    tome = ", tome_r: 2" if family == "vit" else ""  # ViT-MoE: token merging at inference
+    plan.write_text(f"models: [{models}]\nmethod: pacer\n"
+                    f"pacer: {{interference_threshold: 0.0{tome}}}\n"
                     f"output: {{path: {tmp_path / 'out'}}}\n")
     proc = run_budgeted(plan)
     assert proc.returncode == 0, proc.stderr
@@ -263,7 +265,11 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
     if family == "vit":  # no stock ViT-MoE: the modeling code travels with the checkpoint
         model, info = transformers.AutoModelForImageClassification.from_pretrained(
             tmp_path / "out", output_loading_info=True, trust_remote_code=True)
-        logits = model(pixel_values=torch.randn(1, 3, 32, 32)).logits
+        assert config["tome_r"] == 2 and config["moe_layers"] == [0, 1]
+        pixels = torch.randn(1, 3, 32, 32)
+        logits = model(pixel_values=pixels).logits
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        assert [h.shape[1] for h in hidden] == [17, 15, 13]  # 16 patches + CLS, 2 merged/block
     else:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path / "out", output_loading_info=True)
