@@ -82,6 +82,23 @@ def moe_model_type(family: str) -> str | None:
     return MOE_MODEL_TYPES.get(family)
 
 
+def check_layout(what: str, num_layers: int, upcycled: tuple[int, ...], num_experts: int,
+                 top_k: int) -> None:
+    """Validate an export layout (shared by the qwen*_moe and ViT-MoE layouts)."""
+    if num_experts < 2:
+        raise PacerError(f"{what}: num_experts must be at least 2, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise PacerError(f"{what}: top_k must be between 1 and num_experts ({num_experts}), "
+                         f"got {top_k}")
+    blocks = list(upcycled)
+    if not blocks:
+        raise PacerError(f"{what}: no upcycled block; an MoE export needs at least one")
+    if blocks != sorted(set(blocks)):
+        raise PacerError(f"{what}: upcycled blocks must be sorted and unique, got {blocks}")
+    if blocks[0] < 0 or blocks[-1] >= num_layers:
+        raise PacerError(f"{what}: upcycled blocks {blocks} out of range for {num_layers} layers")
+
+
 @dataclass(frozen=True)
 class MoeLayout:
     """Which blocks become MoE, and the expert count and routing of each."""
@@ -96,19 +113,7 @@ class MoeLayout:
         if moe_model_type(self.family) is None:
             raise PacerError(f"MoE export: family {self.family!r} has no MoE layout; "
                              f"{DENSE_HINT}")
-        if self.num_experts < 2:
-            raise PacerError(f"MoE export: num_experts must be at least 2, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise PacerError(f"MoE export: top_k must be between 1 and num_experts "
-                             f"({self.num_experts}), got {self.top_k}")
-        blocks = list(self.upcycled)
-        if not blocks:
-            raise PacerError("MoE export: no upcycled block; an MoE export needs at least one")
-        if blocks != sorted(set(blocks)):
-            raise PacerError(f"MoE export: upcycled blocks must be sorted and unique, got {blocks}")
-        if blocks[0] < 0 or blocks[-1] >= self.num_layers:
-            raise PacerError(f"MoE export: upcycled blocks {blocks} out of range for "
-                             f"{self.num_layers} layers")
+        check_layout("MoE export", self.num_layers, self.upcycled, self.num_experts, self.top_k)
 
     @property
     def model_type(self) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import PacerError
 from ..io.writer import write_atomic
-from .moe import DENSE_HINT, OutRecipe
+from .moe import DENSE_HINT, OutRecipe, check_layout
 
 MODELING_FILE = "modeling_vit_moe.py"
 MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
@@ -76,23 +76,10 @@ class VitMoeLayout:
     tome_r: int = 0  # tokens merged per block at inference (ToMe); 0 = off
 
     def __post_init__(self) -> None:
-        if self.num_experts < 2:
-            raise PacerError(f"ViT-MoE export: num_experts must be at least 2, got "
-                             f"{self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise PacerError(f"ViT-MoE export: top_k must be between 1 and num_experts "
-                             f"({self.num_experts}), got {self.top_k}")
+        check_layout("ViT-MoE export", self.num_layers, self.upcycled, self.num_experts,
+                     self.top_k)
         if self.tome_r < 0:
             raise PacerError(f"ViT-MoE export: tome_r must be 0 (off) or more, got {self.tome_r}")
-        blocks = list(self.upcycled)
-        if not blocks:
-            raise PacerError("ViT-MoE export: no upcycled block; an MoE export needs at least one")
-        if blocks != sorted(set(blocks)):
-            raise PacerError(f"ViT-MoE export: upcycled blocks must be sorted and unique, "
-                             f"got {blocks}")
-        if blocks[0] < 0 or blocks[-1] >= self.num_layers:
-            raise PacerError(f"ViT-MoE export: upcycled blocks {blocks} out of range for "
-                             f"{self.num_layers} layers")
 
     @property
     def dense(self) -> list[int]:
