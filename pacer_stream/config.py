@@ -35,6 +35,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
 TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
             "seed", "align")
+ROUTER_MODES = ("linear", "deviation_norm")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
@@ -52,6 +53,7 @@ PACER_DEFAULTS: dict[str, Any] = {
     "expert_distance": 1.0,  # join clusters whose average 1 - cos(deviations) is below this
     "router_temperature": 1.0,
     "tome_r": 0,  # ViT-MoE outputs: tokens merged per block at inference (ToMe), 0 = off
+    "router_mode": "linear",  # or "deviation_norm": R_m(x) = ||Delta_m x|| (ViT-MoE only)
     "align": True,
 }
 
@@ -189,6 +191,9 @@ def _check_pacer(p: dict, where: str) -> None:
         value = _number(p[key], f"{where}.{key}")
         if not 0 <= value < 1 + (key == "interference_threshold"):
             raise PacerError(f"{where}.{key} out of range: {value}")
+    if p["router_mode"] not in ROUTER_MODES:
+        raise PacerError(f"{where}.router_mode: expected one of {', '.join(ROUTER_MODES)}, got "
+                         f"{p['router_mode']!r}")
     if not isinstance(p["tome_r"], int) or isinstance(p["tome_r"], bool) or p["tome_r"] < 0:
         raise PacerError(f"{where}.tome_r must be a non-negative integer, got {p['tome_r']!r}")
     for key in ("top_k_experts", "max_sweeps"):

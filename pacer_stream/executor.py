@@ -219,6 +219,10 @@ class MergeJob:
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
         self.moe_type = VIT_MOE if models.spec.family == "vit" else moe_model_type(
             models.spec.family)
+        if self.upcycling and config.pacer["router_mode"] != "linear" and self.moe_type != VIT_MOE:
+            raise PacerError(f"pacer.router_mode {config.pacer['router_mode']}: a per-input "
+                             "router needs custom modeling code, which only ViT-MoE outputs "
+                             f"have; {models.spec.family} exports use router_mode: linear")
         self.stats: dict[int, dict[str, PartStats]] = {}  # layer -> part -> consensus sums
         self.decision: Decision | None = None
         self.prototypes: dict[int, torch.Tensor] = {}  # layer -> router sums, while writing it
@@ -618,6 +622,11 @@ class MergeJob:
         config = self.anchor.config
         if isinstance(self.layout, VitMoeLayout):
             config = vit_moe_config(config, self.layout)
+            config.update(router_mode=self.config.pacer["router_mode"],
+                          router_temperature=self.config.pacer["router_temperature"],
+                          expert_sizes={str(layer): [labels.count(e) for e in range(
+                              self.decision.num_experts)] for layer, labels in
+                              self.decision.clusters.items()})
             write_modeling(self.out_dir)
         elif self.layout is not None:
             config = moe_config(config, self.layout)

@@ -279,3 +279,40 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
     assert torch.isfinite(logits).all()
     written = sum(t.numel() for t in checkpoint(tmp_path / "out").values())
     assert report["parameters"]["output"] == written
+
+
+def test_vit_moe_deviation_norm_router(tmp_path, fixtures_dir):
+    """The seed's per-input router R_m(x) = ||Delta_m x|| (custom-code runtime only)."""
+    import transformers
+
+    models = ", ".join(str(fixtures_dir / "vit" / m) for m in ("ft1", "ft2", "ft3"))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{models}]\nmethod: pacer\npacer: {{interference_threshold: 0.0, "
+                    "router_mode: deviation_norm, router_temperature: 0.5, top_k_experts: 1}\n"
+                    f"output: {{path: {tmp_path / 'out'}}}\n")
+    proc = run_budgeted(plan)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]
+    model = transformers.AutoModelForImageClassification.from_pretrained(
+        tmp_path / "out", trust_remote_code=True)
+    moe = model.vit.encoder.layer[0].moe
+    labels = report["decision"]["clusters"]["0"]
+    sizes = torch.tensor([labels.count(e) for e in range(3)], dtype=torch.float32)
+    fc1 = torch.stack([e.fc1.weight.detach() for e in moe.experts])
+    consensus = (sizes[:, None, None] * fc1).sum(0) / sizes.sum()
+    x = torch.randn(32, fc1.shape[2], generator=torch.Generator().manual_seed(0))
+    scores = torch.stack([(x @ (w - consensus).T).norm(dim=-1) for w in fc1], dim=-1)
+    with torch.no_grad():
+        weights, chosen = moe.route(x)
+        logits = moe.logits(x)
+    assert torch.allclose(logits, scores / 0.5, rtol=1e-5)
+    assert torch.equal(chosen[:, 0], scores.argmax(-1))
+    assert torch.all(weights == 1.0)
+    assert torch.isfinite(model(pixel_values=torch.randn(1, 3, 32, 32)).logits).all()
+
+
+def test_deviation_norm_router_is_refused_for_stock_moe_exports(tmp_path, fixtures_dir):
+    plan = write_plan(tmp_path, fixtures_dir, router_mode="deviation_norm")
+    proc = run_budgeted(plan)
+    assert proc.returncode == 2 and "router_mode" in proc.stderr and "ViT-MoE" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -58,6 +58,12 @@ class ViTMoeConfig(ViTConfig):
     tome_r: int = 0  # tokens merged away per block; 0 = no merging
     tome_unmerge: bool = False  # gather the final tokens back to the input length
     add_pooling_layer: bool = True  # ViTMoeModel only: build the pooler (as ViTModel does)
+    # "linear": the gate matrix (PACER's prototype router). "deviation_norm": the seed's
+    # per-input router R_m(x) = ||Delta_m x||, Delta_m = fc1 of expert m minus the consensus
+    # fc1 (the size-weighted mean of the experts); logits R_m(x) / router_temperature.
+    router_mode: str = "linear"
+    router_temperature: float = 1.0
+    expert_sizes: dict | None = None  # str(block) -> models per expert (the consensus weights)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -74,6 +80,11 @@ class ViTMoeConfig(ViTConfig):
                              f"({self.num_experts}), got {self.num_experts_per_tok}")
         if self.tome_r < 0:
             raise ValueError(f"tome_r must be >= 0 (0 turns merging off), got {self.tome_r}")
+        if self.router_mode not in ("linear", "deviation_norm"):
+            raise ValueError(f"router_mode must be 'linear' or 'deviation_norm', got "
+                             f"{self.router_mode!r}")
+        if self.router_temperature <= 0:
+            raise ValueError(f"router_temperature must be positive, got {self.router_temperature}")
 
 
 # -- token merging -----------------------------------------------------------------
@@ -384,15 +395,35 @@ class ViTMoeExpert(nn.Module):
 class ViTMoeSparseMlp(nn.Module):
     """Top-k routed experts: softmax router, top k kept and renormalised to sum 1."""
 
-    def __init__(self, config: ViTMoeConfig):
+    def __init__(self, config: ViTMoeConfig, layer: int = 0):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(ViTMoeExpert(config) for _ in range(config.num_experts))
+        self.mode = config.router_mode
+        self.temperature = config.router_temperature
+        # a plain list, not a buffer: from_pretrained builds modules on the meta device and
+        # would leave a non-persistent buffer uninitialised
+        self.expert_sizes = list((config.expert_sizes or {}).get(str(layer))
+                                 or [1] * config.num_experts)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [tokens, M]: the gate, or ||Delta_m x|| / temperature (see config).
+
+        The deviation router costs one fc1-sized matmul per expert and token: as much as
+        running every expert's first layer.
+        """
+        if self.mode == "linear":
+            return self.gate(x)
+        fc1 = torch.stack([e.fc1.weight for e in self.experts])  # [M, I, d]
+        sizes = torch.tensor(self.expert_sizes, dtype=fc1.dtype, device=fc1.device)
+        consensus = torch.einsum("m,mid->id", sizes / sizes.sum(), fc1)
+        scores = [torch.linalg.vector_norm(x @ (w - consensus).T, dim=-1) for w in fc1]
+        return torch.stack(scores, dim=-1) / self.temperature
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, experts), both [tokens, top_k], for flat tokens ``x`` [tokens, d]."""
-        probs = nn.functional.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        probs = nn.functional.softmax(self.logits(x), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         # renormalised: top-1 weights are exactly 1 (p / p), so identical experts give
         # exactly the dense output
@@ -412,14 +443,14 @@ class ViTMoeSparseMlp(nn.Module):
 class ViTMoeLayer(nn.Module):
     """A pre-norm ViT block whose MLP is dense or a routed MoE."""
 
-    def __init__(self, config: ViTMoeConfig, moe: bool):
+    def __init__(self, config: ViTMoeConfig, moe: bool, index: int = 0):
         super().__init__()
         self.attention = ViTMoeAttention(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         if moe:
-            self.moe = ViTMoeSparseMlp(config)
+            self.moe = ViTMoeSparseMlp(config, index)
         else:  # the dense MLP under its checkpoint names
             self.intermediate = ViTMoeDense(config.hidden_size, config.intermediate_size)
             self.output = ViTMoeDense(config.intermediate_size, config.hidden_size)
@@ -439,7 +470,7 @@ class ViTMoeEncoder(nn.Module):
     def __init__(self, config: ViTMoeConfig):
         super().__init__()
         moe = set(config.moe_layers)
-        self.layer = nn.ModuleList(ViTMoeLayer(config, i in moe)
+        self.layer = nn.ModuleList(ViTMoeLayer(config, i in moe, i)
                                    for i in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, state: ToMeState | None = None,
