@@ -135,3 +135,13 @@ def test_llama3_70b_plan_as_a_process(llama70b):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "fits: yes" in proc.stdout and "28672" in proc.stdout
+
+
+def test_split_merge_example_plan_lists_its_four_passes(fixtures_dir):
+    plan = _plan_json(str(ROOT / "plans/tiny-split.yaml"))
+    stages = {s["name"]: s for s in plan["stages"]}
+    assert list(stages) == ["variance-high", "variance-low", "gram", "eta"]
+    # every pass reads every model once; mu is written in the second, eta in the last
+    assert len({s["read_bytes"] for s in stages.values()}) == 1
+    assert stages["variance-low"]["write_bytes"] > stages["eta"]["write_bytes"] > 0
+    assert stages["variance-high"]["write_bytes"] == stages["gram"]["write_bytes"] == 0
