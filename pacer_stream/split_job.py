@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import failpoints
 from .errors import PacerError
-from .executor import MergeJob, RssMonitor, RunSummary
+from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
 from .export.dense import copy_side_files, model_card, write_card, write_config
 from .io.header import DTYPES
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
@@ -80,6 +80,7 @@ class SplitMergeJob(MergeJob):
                       desc=f"split_merge {name}", disable=quiet, file=sys.stderr) as bar:
                 for i in range(record["next_unit"], len(units)):
                     self._unit(name, units[i], acc)
+                    return_freed_memory()
                     record = {**record, "next_unit": i + 1, **acc.record()}
                     self.ckpt.save(acc.arrays(), record)
                     state.mark_done(f"{name}/{units[i].name}", {"pass": name})
