@@ -676,9 +676,14 @@ class MergeJob:
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
             "align": self.align_report,
             "pacer": self._pacer_report(),
+            **self._method_report(),
         }
         self.summary.pacer = report["pacer"]
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
+
+    def _method_report(self) -> dict:
+        """Sections a method adds to pacer_report.json (Split-Merge: its k, c_t and memory)."""
+        return {}
 
     # -- one tensor ---------------------------------------------------------------
 

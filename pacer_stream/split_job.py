@@ -67,6 +67,10 @@ class SplitMergeJob(MergeJob):
         state.mark_complete()
         return self.summary
 
+    def _method_report(self) -> dict:
+        info = getattr(self, "info", None) or json.loads((self.out_dir / INFO_FILE).read_text())
+        return {"split_merge": {key: info[key] for key in ("k", "coefficients", "memory")}}
+
     # -- the passes ---------------------------------------------------------------------
 
     def _passes(self, state: RunState, quiet: bool) -> None:
@@ -247,6 +251,7 @@ class SplitMergeJob(MergeJob):
             },
         }
         write_atomic(self.out_dir / INFO_FILE, json.dumps(info, indent=1) + "\n")
+        self.info = info
         self.summary.write_bytes = info["eta_bytes"] + info["mu_bytes"]
 
 

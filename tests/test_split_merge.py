@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,20 @@ def test_mu_is_a_loadable_checkpoint_and_memory_growth_is_reported(merged):
     assert memory["extra_over_one_model"] == pytest.approx((info["k"] + 3) / info["numel"])
     assert memory["extra_bytes_on_disk"] == (merged / "eta.safetensors").stat().st_size
     assert memory["efficiency_ratio"]["16"] < memory["efficiency_ratio"]["2"]
+    # Twin-Merging's rank-r experts, counted here from the checkpoint's own shapes
+    shapes = []
+    for shard in sorted(merged.glob("model*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            shapes += [f.get_slice(name).get_shape() for name in f.keys()]
+    for r in (2, 16):
+        twin = sum(math.prod(s) + (3 * min(r, *s) * (s[0] + s[1] + 1) if len(s) == 2 else 0)
+                   for s in shapes)
+        assert memory["twin_merge_params"][str(r)] == twin
+        assert memory["efficiency_ratio"][str(r)] == pytest.approx(
+            memory["split_merge_params"] / twin)
+    # the same figures in the run report
+    report = json.loads((merged / "pacer_report.json").read_text())["split_merge"]
+    assert report == {"k": info["k"], "coefficients": info["coefficients"], "memory": memory}
 
 
 def test_slicing_under_a_small_budget_gives_the_same_result(merged, models, tmp_path):
