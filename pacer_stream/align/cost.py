@@ -34,6 +34,17 @@ def children(graph: MergeGraph, group: SymmetryGroup) -> list[SymmetryGroup]:
             if g.unit == group.unit and graph.spec.group_kind(g.kind).parent == group.kind]
 
 
+def cost_inputs(graph: MergeGraph, group: SymmetryGroup) -> set[str]:
+    """The other groups whose permutations :func:`group_cost` of ``group`` reads.
+
+    A cost permutes the peer's member tensors on every axis, so it depends on each
+    group with a factor there (and on nothing else). While none of them changes,
+    solving ``group`` again gives the same answer.
+    """
+    return {f.group for name, _ in group.members for axis in graph.nodes[name].axes
+            for f in axis if f.group is not None} - {group.id}
+
+
 def group_cost(graph: MergeGraph, gid: str, anchor: dict[str, torch.Tensor],
                peer: dict[str, torch.Tensor], perms: dict[str, torch.Tensor]) -> torch.Tensor:
     """fp32 ``[problems, n, n]`` cost of group ``gid`` over the tensors given.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..graph import GLOBAL, MergeGraph
-from .cost import apply_solution, group_cost
+from .cost import apply_solution, children, cost_inputs, group_cost
 from .lap import maximize_assignment, maximize_assignments
 
 MAX_ROUNDS = 8  # rounds of a block's groups; exact recoveries settle in two
@@ -26,7 +26,7 @@ MAX_ROUNDS = 8  # rounds of a block's groups; exact recoveries settle in two
 class KindStats:
     """Per group kind, for the report: how much moved, and what solving cost."""
 
-    problems: int = 0  # assignment problems posed (last sweep)
+    problems: int = 0  # assignment problems posed (all sweeps)
     certified: int = 0  # of which the row-max certificate settled
     slots: int = 0  # permuted positions in total
     moved: int = 0  # of which not at their own index (final permutations)
@@ -67,17 +67,29 @@ def local_groups(graph: MergeGraph, unit: str) -> list[str]:
 def align_unit(graph: MergeGraph, unit: str, anchor: dict[str, torch.Tensor],
                peer: dict[str, torch.Tensor], perms: dict[str, torch.Tensor],
                generator: torch.Generator, stats: PeerStats) -> None:
-    """Solve the unit's local groups in ``perms`` (in place) given everything else."""
+    """Solve the unit's local groups in ``perms`` (in place) given everything else.
+
+    A group is solved again only when a group its cost reads has changed since its
+    last solve (the MLP group, 28672 wide at 70B, reads none of the attention
+    groups): the same result as re-solving everything every round, for less work.
+    """
     gids = local_groups(graph, unit)
+    inputs = {gid: cost_inputs(graph, graph.groups[gid]) for gid in gids}
+    stale = set(gids)
     for _ in range(MAX_ROUNDS):
         stats.rounds += 1
         changed = False
         for k in torch.randperm(len(gids), generator=generator).tolist():
             gid = gids[k]
+            if gid not in stale:
+                continue
+            stale.discard(gid)
             group = graph.groups[gid]
             cols = solve(group_cost(graph, gid, anchor, peer, perms), stats.kind(group.kind))
             if not torch.equal(cols, perms[gid].reshape(group.problems, group.size).cpu()):
-                apply_solution(graph, gid, perms, cols)
+                apply_solution(graph, gid, perms, cols)  # moves its children's slots too
+                moved = {gid} | {child.id for child in children(graph, group)}
+                stale |= {other for other in gids if inputs[other] & moved}
                 changed = True
         if not changed:
             return
