@@ -49,13 +49,15 @@ class RunState:
         if path.exists():
             try:
                 group = zarr.open_group(str(path), mode="r+")
-                found = group.attrs.get("fingerprint")
+                found, finished = group.attrs.get("fingerprint"), group.attrs.get("complete")
             except Exception:  # a store damaged beyond reading
-                found, group = None, None
+                found, group, finished = None, None, False
             if found != fingerprint_:
+                what = "a finished merge" if finished else "an unfinished run"
                 raise PacerError(
-                    f"{path.parent}: holds an unfinished run of a different plan or different "
-                    "inputs; re-run with --restart to discard it and start over"
+                    f"{path.parent}: holds {what} of a different plan, different inputs or "
+                    "another pacer-stream version; choose another output path, or re-run "
+                    "with --restart to discard it and start over"
                 )
             return cls(path, group)
         group = zarr.open_group(str(path), mode="w")

@@ -134,6 +134,17 @@ def test_changed_plan_refuses_to_resume(fixtures_dir, tmp_path):
     assert digests(tmp_path / "out") == {k: v for k, v in digests(tmp_path / "fresh").items()}
 
 
+def test_changed_plan_over_a_finished_merge_says_so_and_keeps_it(fixtures_dir, tmp_path):
+    plan = make_plan(tmp_path, fixtures_dir)
+    assert run(plan, "--quiet").returncode == 0
+    before = digests(tmp_path / "out")
+    refused = run(make_plan(tmp_path, fixtures_dir, density=0.7), "--quiet")
+    assert refused.returncode == 2
+    line = refused.stderr.strip()
+    assert line.count("\n") == 0 and "a finished merge" in line and "--restart" in line
+    assert digests(tmp_path / "out") == before
+
+
 def test_foreign_output_folder_is_refused(fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     (tmp_path / "out").mkdir()
