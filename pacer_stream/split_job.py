@@ -68,7 +68,7 @@ class SplitMergeJob(MergeJob):
         return self.summary
 
     def _method_report(self) -> dict:
-        info = getattr(self, "info", None) or json.loads((self.out_dir / INFO_FILE).read_text())
+        info = json.loads((self.out_dir / INFO_FILE).read_text())  # written by the last pass
         return {"split_merge": {key: info[key] for key in ("k", "coefficients", "memory")}}
 
     # -- the passes ---------------------------------------------------------------------
@@ -251,7 +251,6 @@ class SplitMergeJob(MergeJob):
             },
         }
         write_atomic(self.out_dir / INFO_FILE, json.dumps(info, indent=1) + "\n")
-        self.info = info
         self.summary.write_bytes = info["eta_bytes"] + info["mu_bytes"]
 
 

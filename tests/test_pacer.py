@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 
 import make_fixtures
 from runs import digests, run_cli
@@ -37,14 +36,6 @@ def write_plan(tmp: Path, fixtures: Path, out: str = "out", **pacer) -> Path:
     plan.write_text(f"models: [{models}]\nmethod: pacer\nseed: 0\npacer: {{{text}}}\n"
                     f"output: {{path: {tmp / out}, shard_size: 200KB}}\n")
     return plan
-
-
-def checkpoint(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,7 @@ def test_output_loads_and_generates_with_stock_transformers(merged):
 def test_parameters_are_accounted_exactly(merged):
     report = json.loads((merged / "pacer_report.json").read_text())["pacer"]
     params = report["parameters"]
-    written = sum(t.numel() for t in checkpoint(merged).values())
+    written = sum(t.numel() for t in make_fixtures.file_state(merged).values())
     assert params["output"] == written
     config = json.loads((merged / "config.json").read_text())
     d, layers, m = config["hidden_size"], config["num_hidden_layers"], config["num_experts"]
@@ -103,9 +94,9 @@ def test_experts_are_cluster_means_and_router_routes_to_them(merged, fixtures_di
     for peer in report["align"]["peers"].values():  # fine-tunes of one basin: nothing moves
         assert all(k["moved"] == 0 for k in peer["kinds"].values())
     clusters = report["pacer"]["decision"]["clusters"][str(BLOCK)]
-    sources = [checkpoint(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2, 3)]
+    sources = [make_fixtures.file_state(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2, 3)]
     prefix = f"model.layers.{BLOCK}.mlp."
-    out = checkpoint(merged)
+    out = make_fixtures.file_state(merged)
     experts = {}
     for e in range(3):
         members = [k for k, c in enumerate(clusters) if c == e]
@@ -277,7 +268,7 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
     assert type(model).__name__ == exported
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.isfinite(logits).all()
-    written = sum(t.numel() for t in checkpoint(tmp_path / "out").values())
+    written = sum(t.numel() for t in make_fixtures.file_state(tmp_path / "out").values())
     assert report["parameters"]["output"] == written
 
 
