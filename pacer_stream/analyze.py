@@ -24,6 +24,7 @@ from .executor import MergeJob, RunOptions
 from .inputs import ModelSet
 from .io.writer import write_atomic
 from .methods.dense import MethodParams
+from .preflight import check_outside_inputs
 from .state import RunState
 
 SELECTED = "#d62728"  # bars of the blocks the policy would upcycle
@@ -43,11 +44,13 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     output = Path(output)
     if output.suffix != ".json":
         raise PacerError(f"--output {output}: the report is JSON; give a path ending in .json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     models = ModelSet.from_plan(config)
+    state_dir = options.state_dir or output.with_name(f".{output.stem}.state")
+    check_outside_inputs("--output", output, models)
+    check_outside_inputs("the analysis state", state_dir, models)
+    output.parent.mkdir(parents=True, exist_ok=True)
     params = MethodParams.resolve("dare_ties", config.models, {}, config.seed)
     job = MergeJob(config, models, params, options)
-    state_dir = options.state_dir or output.with_name(f".{output.stem}.state")
     state = RunState.open(state_dir, job._fingerprint(), restart=options.restart)
     quiet = options.quiet
     if config.align:

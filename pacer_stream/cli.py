@@ -6,6 +6,7 @@ status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -17,16 +18,32 @@ from .sizes import parse_size
 
 
 class _Group(click.Group):
-    """Turns :class:`PacerError` into a one-line message and exit status 2."""
+    """Turns :class:`PacerError` and the system's errors (a full disk, a folder it may
+    not read or write) into a one-line message and exit status 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except PacerError as exc:
+        except (PacerError, OSError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"pacer-stream: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            message = str(exc) if isinstance(exc, PacerError) else os_error_line(exc)
+            click.echo(f"pacer-stream: error: {message}", err=True)
+            ctx.exit(2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an error of the file system: the file, the reason, what to do."""
+    where = exc.filename or "a file"
+    reason = exc.strerror or str(exc)
+    advice = {
+        errno.ENOSPC: "free some space, then re-run the same command to resume",
+        errno.EDQUOT: "free some space, then re-run the same command to resume",
+        errno.EACCES: "check the permissions of that path",
+        errno.EPERM: "check the permissions of that path",
+        errno.EROFS: "the file system is read-only: choose another output path",
+    }.get(exc.errno, "check that path, then re-run the same command to resume")
+    return " ".join(f"{where}: {reason}; {advice}".split())
 
 
 @click.group(cls=_Group)
@@ -68,10 +85,13 @@ def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) ->
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
 @click.option("--allow-nonfinite", "allow_nonfinite", is_flag=True,
               help="Merge tensors that contain NaN or Inf instead of refusing.")
+@click.option("--hash-inputs", "hash_inputs", is_flag=True,
+              help="Also fingerprint the input files by content (sha256; reads them once more), "
+                   "so a resume tells copied or touched inputs from changed ones.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no summary line.")
 def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | None,
         state_dir: Path | None, restart: bool, force: bool, allow_nonfinite: bool,
-        quiet: bool) -> None:
+        hash_inputs: bool, quiet: bool) -> None:
     """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption."""
     from .config import load_plan
     from .executor import RunOptions, run_merge
@@ -82,6 +102,7 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         shard_size=parse_size(shard_size, "--shard-size") if shard_size else None,
         state_dir=state_dir.resolve() if state_dir else None,
         restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
+        hash_inputs=hash_inputs,
     )
     try:
         summary = run_merge(load_plan(plan_file), options)

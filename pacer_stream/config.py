@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,28 @@ METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ti
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
 TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
-            "seed", "align")
+            "seed", "align", "accept_config_differences")
 ROUTER_MODES = ("linear", "deviation_norm")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
 PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
+RESCALES = ("inverse_density", "l1", "none")
+# What each method reads of `parameters` (and of a model entry's weight/density). A plan
+# that sets anything else is refused by name: a value that is silently ignored is a lie.
+METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight", "normalize"),
+    "task_arithmetic": ("weight", "lambda", "normalize"),
+    "ties": ("weight", "density", "lambda", "normalize"),
+    "dare_linear": ("weight", "density", "lambda", "normalize", "rescale"),
+    "dare_ties": ("weight", "density", "lambda", "normalize", "rescale"),
+    "pacer": ("weight", "lambda", "normalize", "rescale"),  # density: pacer.dropout_rate
+    "split_merge": ("density",),
+}
+# Methods that ignore a base model (linear averages the models; split_merge is base-free).
+BASE_FREE_METHODS = ("linear", "split_merge")
+# The pacer keys a method other than pacer reads: those of the alignment, when it aligns.
+ALIGN_PACER_KEYS = ("anchor_strategy", "max_sweeps")
 PACER_DEFAULTS: dict[str, Any] = {
     "interference_threshold": 0.35,  # gamma: upcycle an MLP block whose conflict exceeds it
     "top_k_experts": 2,
@@ -61,7 +78,7 @@ PACER_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class ModelEntry:
     ref: ModelRef
-    weight: float = 1.0
+    weight: float | None = None  # None: the plan-level parameters.weight, else 1.0
     density: float | None = None
 
 
@@ -87,6 +104,8 @@ class PlanConfig:
     seed: int = 0
     source: Path | None = None
     align: bool | str = False  # True, False or "only"
+    # config.json keys that may differ between the models (the anchor's values are written)
+    accept_config_differences: tuple[str, ...] = ()
 
     @property
     def anchor_ref(self) -> ModelRef | None:
@@ -134,16 +153,32 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
 
     parameters = _mapping(raw.get("parameters", {}), f"{label}: parameters")
     _check_keys(parameters, PARAMETER_KEYS, f"{label}: parameters")
-    pacer = _mapping(raw.get("pacer", {}), f"{label}: pacer")
-    _check_keys(pacer, tuple(PACER_DEFAULTS), f"{label}: pacer")
-    pacer = {**PACER_DEFAULTS, **pacer}
+    _check_parameters(parameters, f"{label}: parameters")
+    _check_used(method, parameters, entries, base_ref, label)
+    given_pacer = _mapping(raw.get("pacer", {}), f"{label}: pacer")
+    _check_keys(given_pacer, tuple(PACER_DEFAULTS), f"{label}: pacer")
+    pacer = {**PACER_DEFAULTS, **given_pacer}
     _check_pacer(pacer, f"{label}: pacer")
     if pacer["anchor_strategy"] not in ANCHORS:
         pacer["anchor_strategy"] = _anchor_ref(pacer["anchor_strategy"], entries, base_ref,
                                                base_dir, f"{label}: pacer.anchor_strategy")
+    if method != "pacer" and "align" in given_pacer:
+        raise PacerError(f"{label}: pacer.align is read by method pacer only; for method "
+                         f"{method} write align: {str(given_pacer['align']).lower()} at the top "
+                         "level")
     align = raw.get("align", pacer["align"] if method == "pacer" else False)
     if not any(align is mode or align == mode == "only" for mode in ALIGN_MODES):
         raise PacerError(f"{label}: align must be true, false or only, got {align!r}")
+    if method != "pacer":
+        unused = [k for k in given_pacer if k not in ALIGN_PACER_KEYS or not align]
+        if unused:
+            raise PacerError(f"{label}: pacer.{unused[0]} has no effect with method {method}"
+                             + (" without align" if unused[0] in ALIGN_PACER_KEYS else "")
+                             + "; remove it, or use method: pacer")
+    accept = raw.get("accept_config_differences", [])
+    if not isinstance(accept, list) or not all(isinstance(k, str) and k for k in accept):
+        raise PacerError(f"{label}: accept_config_differences must be a list of config.json "
+                         f"keys, e.g. [rope_theta], got {accept!r}")
 
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -152,7 +187,7 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     if not isinstance(name, str) or not name:
         raise PacerError(f"{label}: project_name must be a non-empty string")
     return PlanConfig(name, entries, _output(raw.get("output"), base_dir, f"{label}: output", name),
-                      method, base_ref, parameters, pacer, seed, None, align)
+                      method, base_ref, parameters, pacer, seed, None, align, tuple(accept))
 
 
 def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
@@ -161,7 +196,9 @@ def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
     if not isinstance(item, dict) or "model" not in item:
         raise PacerError(f"{where}: expected a model reference or a mapping with 'model'")
     _check_keys(item, MODEL_KEYS, where)
-    weight = _number(item.get("weight", 1.0), f"{where}.weight")
+    weight = item.get("weight")
+    if weight is not None:
+        weight = _number(weight, f"{where}.weight")
     density = item.get("density")
     if density is not None:
         density = _number(density, f"{where}.density")
@@ -186,6 +223,44 @@ def _output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
     return OutputSpec(path.resolve(), fmt, dtype, shard)
 
 
+def _check_parameters(p: dict, where: str) -> None:
+    """Types and ranges of the plan-level parameters (each method checks its combination)."""
+    for key in ("weight", "lambda"):
+        if key in p:
+            _number(p[key], f"{where}.{key}")
+    if "density" in p and not 0 < _number(p["density"], f"{where}.density") <= 1:
+        raise PacerError(f"{where}.density must be in (0, 1], got {p['density']}")
+    if "normalize" in p and not isinstance(p["normalize"], bool):
+        raise PacerError(f"{where}.normalize must be true or false, got {p['normalize']!r}")
+    if "rescale" in p and p["rescale"] not in RESCALES:
+        raise PacerError(f"{where}.rescale: expected one of {', '.join(RESCALES)}, got "
+                         f"{p['rescale']!r}")
+
+
+def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
+                base: ModelRef | None, label: str) -> None:
+    """Refuse every value the method would not read (see METHOD_PARAMETERS)."""
+    uses = METHOD_PARAMETERS[method]
+    hint = {"pacer": {"density": " (pacer's DARE density is 1 - pacer.dropout_rate)"}}.get(
+        method, {})
+    for key in parameters:
+        if key not in uses:
+            raise PacerError(f"{label}: parameters.{key} has no effect with method {method}"
+                             f"{hint.get(key, '')}; remove it (method {method} reads: "
+                             f"{', '.join(uses)})")
+    for i, entry in enumerate(entries):
+        for key in ("weight", "density"):
+            if getattr(entry, key) is not None and key not in uses:
+                raise PacerError(f"{label}: models[{i}].{key} has no effect with method "
+                                 f"{method}{hint.get(key, '')}; remove it")
+    if base is not None and method in BASE_FREE_METHODS:
+        what = "averages the models themselves" if method == "linear" else "is base-free (μ is " \
+            "the models' mean)"
+        raise PacerError(f"{label}: method {method} {what}, so base_model would be ignored; "
+                         "remove base_model" + (" or use task_arithmetic" if method == "linear"
+                                                else ""))
+
+
 def _check_pacer(p: dict, where: str) -> None:
     for key in ("interference_threshold", "dropout_rate"):
         value = _number(p[key], f"{where}.{key}")
@@ -205,7 +280,7 @@ def _check_pacer(p: dict, where: str) -> None:
     for key in ("enable_moe_upcycle", "align"):
         if not isinstance(p[key], bool):
             raise PacerError(f"{where}.{key} must be true or false, got {p[key]!r}")
-    if p["max_param_growth"] is not None and _number(p["max_param_growth"], where) < 1:
+    if p["max_param_growth"] is not None and _number(p["max_param_growth"], f"{where}.max_param_growth") < 1:
         raise PacerError(f"{where}.max_param_growth must be at least 1.0")
     if p["upcycle_fraction"] is not None:
         if not 0 <= _number(p["upcycle_fraction"], f"{where}.upcycle_fraction") <= 1:
@@ -253,6 +328,8 @@ def _mapping(value: Any, where: str) -> dict:
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PacerError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):  # YAML's .nan and .inf are floats too
+        raise PacerError(f"{where} must be a finite number, got {value!r}")
     return float(value)
 
 

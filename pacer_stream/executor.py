@@ -43,13 +43,15 @@ from .graph import source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
-from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
+from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic
+from .lock import LOCK_FILE, OutputLock
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
+from .preflight import check_clear_allowed, check_run
 from .sizes import format_size
-from .state import STATE_DIR, RunState, fingerprint
+from .state import STATE_DIR, RunState, fingerprint, is_foreign, is_run_state
 
 REPORT = "pacer_report.json"
 VIT_MOE = "vit_moe"  # ViT has no stock MoE class: custom modeling code in the output
@@ -66,6 +68,7 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     allow_nonfinite: bool = False
+    hash_inputs: bool = False  # also fingerprint input files by sha256 (reads them once more)
 
 
 @dataclass
@@ -214,10 +217,15 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
 
         steady_allocator()  # its slices are sized to the budget: no slack for heap growth
         params = MethodParams.resolve("linear", config.models, parameters, config.seed)
-        return SplitMergeJob(config, models, params, options).run()
-    params = MethodParams.resolve(method, config.models, parameters, config.seed)
-    job = MergeJob(config, models, params, options)
-    return job.run()
+        job: MergeJob = SplitMergeJob(config, models, params, options)
+    else:
+        params = MethodParams.resolve(method, config.models, parameters, config.seed)
+        job = MergeJob(config, models, params, options)
+    # everything knowable is checked before the output folder is created or touched
+    check_run(config, models, options.state_dir, options.budget, options.device)
+    job.check_output()
+    with OutputLock(config.output.path):
+        return job.run()
 
 
 class MergeJob:
@@ -320,21 +328,52 @@ class MergeJob:
         return {"weights": list(p.weights), "densities": list(p.densities), "lambda": p.lam,
                 "normalize": p.normalize, "rescale": p.rescale, "base_free": self.models.base is None}
 
-    def _open_state(self) -> RunState:
+    def check_output(self) -> tuple[Path, bool, list[Path]]:
+        """Whose the output folder is: (state path, ours, what else it holds).
+
+        Refuses, touching nothing, a foreign state folder, a state of another output
+        folder, and a non-empty folder that is not this run's without ``--force``.
+        Called before the output lock is taken (so a refused folder gets no lock
+        file) and again under it.
+        """
         state_path = self.options.state_dir or (self.out_dir / STATE_DIR)
-        ours = state_path.exists()
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise PacerError(f"output path {self.out_dir} exists and is not a folder")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not ours:
+        if is_foreign(state_path):
+            where = "--state-dir" if self.options.state_dir else "output folder's state"
+            raise PacerError(f"{where} {state_path} exists and is not a pacer-stream run state; "
+                             "nothing was changed: choose a new or empty folder")
+        recorded = _recorded_output(state_path)
+        ours = recorded == str(self.out_dir) or (recorded is None and is_run_state(state_path)
+                                                 and self.options.state_dir is None)
+        if recorded is not None and not ours and not self.options.restart:
+            raise PacerError(f"--state-dir {state_path} holds the run state of another output "
+                             f"folder ({recorded}); choose another --state-dir, or pass --restart "
+                             "to discard that state")
+        others = [c for c in self.out_dir.iterdir() if c.name != LOCK_FILE
+                  and c.resolve() != state_path.resolve()] if self.out_dir.exists() else []
+        if others and not ours:
             if not self.options.force:
                 raise PacerError(f"output folder {self.out_dir} is not empty and holds no "
                                  "pacer-stream run; choose another output path or pass --force "
                                  "to overwrite it")
-            _clear(self.out_dir, keep=state_path)
-        if self.options.restart:
-            _clear(self.out_dir, keep=None) if self.out_dir.exists() else None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return RunState.open(state_path, self._fingerprint(), restart=self.options.restart)
+            check_clear_allowed(self.out_dir)
+        return state_path, ours, others
+
+    def _open_state(self) -> RunState:
+        """The run state, after emptying what of the output folder may be replaced.
+
+        Only two things are ever deleted: a folder the user named with ``--force``
+        (never an input: see preflight) and, with ``--restart``, this plan's own
+        earlier run (a state that records this output folder).
+        """
+        state_path, ours, others = self.check_output()
+        if others and (not ours or self.options.restart):
+            _clear(self.out_dir, keep=(state_path, self.out_dir / LOCK_FILE))
+        state = RunState.open(state_path, self._fingerprint(), restart=self.options.restart)
+        state.group.attrs["output"] = str(self.out_dir)
+        state.check_inputs(self.models.file_identities(self.options.hash_inputs))
+        return state
 
     # -- the run ----------------------------------------------------------------
 
@@ -358,7 +397,6 @@ class MergeJob:
         units = self.models.graph.units
         todo = [u for u in units if not state.is_done(u.name)]
         self.summary.units_skipped = [u.name for u in units if state.is_done(u.name)]
-        self._finish_ready_shards(state, writer)
         with RssMonitor() as rss, ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=len(units), initial=len(units) - len(todo), unit="unit",
                      desc=f"{self.config.method} merge", disable=quiet, file=sys.stderr) as bar:
@@ -386,7 +424,6 @@ class MergeJob:
                     self.summary.units_done.append(unit.name)
                     return_freed_memory()
                     failpoints.hit("unit-done")
-                    self._finish_ready_shards(state, writer)
                     bar.update(1)
                     bar.set_postfix_str(f"{format_size(self.summary.read_bytes)} read")
                     unit_start, unit_bytes = time.perf_counter(), 0
@@ -568,12 +605,17 @@ class MergeJob:
         self.summary.align = self.align_report
 
     def _write_aligned(self, state: RunState, start: float, quiet: bool) -> RunSummary:
-        """``align: only``: every peer re-based onto the anchor, as its own checkpoint."""
+        """``align: only``: every peer re-based onto the anchor, as its own checkpoint.
+
+        All peers' tensors are written first; the folders are finished (shards renamed,
+        index, side files, config.json last) only when every peer is done, so no
+        folder looks like a finished checkpoint while the run is not.
+        """
         graph = self.models.graph
-        peers = sorted(self.perms)
-        with tqdm(total=len(peers) * len(graph.units), unit="unit", desc="write aligned",
+        outputs = []  # (peer, folder, writer, shards)
+        with tqdm(total=len(self.perms) * len(graph.units), unit="unit", desc="write aligned",
                   disable=quiet, file=sys.stderr) as bar:
-            for k in peers:
+            for k in sorted(self.perms):
                 index = self.inputs[k]
                 folder = self.out_dir / aligned_folder(k, index.label)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -581,6 +623,7 @@ class MergeJob:
                                       for t in self.order],
                                      self.options.shard_size or self.config.output.shard_size)
                 writer = ShardWriter(folder, shards)
+                outputs.append((k, folder, writer, shards))
                 for unit in graph.units:
                     key = f"aligned/{k}/{unit.name}"
                     if not state.is_done(key):
@@ -589,17 +632,18 @@ class MergeJob:
                         writer.sync()
                         state.mark_done(key, {"peer": index.label})
                         self.summary.units_done.append(key)
+                        failpoints.hit("aligned-unit")
                     bar.update(1)
-                    for shard in shards:
-                        done = all(state.is_done(f"aligned/{k}/{self.unit_of[t.name]}")
-                                   for t in shard.tensors)
-                        if done and (folder / shard.partial).exists():
-                            writer.finish(shard)
                 writer.close()
-                writer.write_index()
-                write_config(folder, index.config, None)
-                copy_side_files(folder, index)
-        self.summary.write_bytes = 0
+        for k, folder, writer, shards in outputs:
+            for shard in shards:
+                if (folder / shard.partial).exists():
+                    writer.finish(shard)
+            verify_shards(folder, shards)
+            writer.write_index()
+            copy_side_files(folder, self.inputs[k])
+            write_config(folder, self.inputs[k].config, None)
+        self.summary.write_bytes = sum(s.size for *_, shards in outputs for s in shards)
         self.summary.peak_rss = peak_rss()
         self._write_report(state)
         self.summary.seconds = time.perf_counter() - start
@@ -631,13 +675,18 @@ class MergeJob:
     def _read_device(self, k: int, name: str) -> torch.Tensor:
         return self.inputs[k].read(name).to(self.device)
 
-    def _finish_ready_shards(self, state: RunState, writer: ShardWriter) -> None:
+    def _finish_shards(self, writer: ShardWriter) -> None:
+        """Rename every shard into place, once all units are done (so none looks final
+        before the whole output is), and check each against its header."""
         for shard in self.shards:
-            ready = all(state.is_done(self.recipe_unit[t.name]) for t in shard.tensors)
-            if ready and (self.out_dir / shard.partial).exists():
+            if (self.out_dir / shard.partial).exists():
                 writer.finish(shard)
+        verify_shards(self.out_dir, self.shards)
 
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
+        """Shards, index, side files, model card, and config.json last: a folder with a
+        config.json is a finished model."""
+        self._finish_shards(writer)
         writer.write_index()
         config = self.anchor.config
         if isinstance(self.layout, VitMoeLayout):
@@ -650,7 +699,6 @@ class MergeJob:
             write_modeling(self.out_dir)
         elif self.layout is not None:
             config = moe_config(config, self.layout)
-        write_config(self.out_dir, config, self.out_dtype)
         tokenizer = self.anchor
         if self.models.base is not None:
             tokenizer = self.models.base
@@ -658,6 +706,7 @@ class MergeJob:
         write_card(self.out_dir, model_card(self.config, self.models.models,
                                             self.models.spec.family, self._param_record(),
                                             self._pacer_report()))
+        write_config(self.out_dir, config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in self.shards)
         self._write_report(state)
 
@@ -828,9 +877,21 @@ def _out_dtype(in_dtype: str, out_dtype: str | None) -> str:
     return out_dtype if (out_dtype and in_dtype in FLOAT_DTYPES) else in_dtype
 
 
-def _clear(folder: Path, keep: Path | None) -> None:
+def _recorded_output(state_path: Path) -> str | None:
+    """The output folder a run state was made for (None: none recorded, or no state)."""
+    if not is_run_state(state_path):
+        return None
+    try:
+        attrs = json.loads((state_path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs.get("output")
+
+
+def _clear(folder: Path, keep: tuple[Path, ...] = ()) -> None:
+    kept = {k.resolve() for k in keep}
     for child in folder.iterdir():
-        if keep is not None and child.resolve() == keep.resolve():
+        if child.resolve() in kept:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

@@ -13,12 +13,25 @@ from .arch import ArchSpec, detect_spec
 from .config import PlanConfig
 from .errors import PacerError
 from .graph import MergeGraph
+from .io.header import FLOAT_DTYPES
 from .io.reader import CheckpointIndex
 from .io.sources import ModelRef
+from .state import file_identity
 
 # config.json keys that must agree for tensors to line up one to one
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
+# config.json keys that do not change the function a model computes: bookkeeping, the
+# stored dtype, runtime switches, initialisation, token ids the tokenizer files carry.
+# Every other key must agree (or be listed in the plan's accept_config_differences):
+# a merge of models with different rope_theta, rms_norm_eps, hidden_act, ... is none of them.
+NEUTRAL_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures",
+    "torch_dtype", "dtype", "use_cache", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict",
+    "torchscript", "initializer_range", "finetuning_task", "task_specific_params",
+    "bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id", "problem_type",
+})
 
 
 @dataclass
@@ -35,7 +48,8 @@ class ModelSet:
         return self.models + ([self.base] if self.base is not None else [])
 
     @classmethod
-    def open(cls, refs: list[ModelRef], base: ModelRef | None = None) -> "ModelSet":
+    def open(cls, refs: list[ModelRef], base: ModelRef | None = None,
+             accept_config_differences: tuple[str, ...] = ()) -> "ModelSet":
         models = [CheckpointIndex.open(ref) for ref in refs]
         base_index = CheckpointIndex.open(base) if base is not None else None
         first = models[0]
@@ -47,12 +61,28 @@ class ModelSet:
                 raise PacerError(f"models are different architectures: {first.label} is "
                                  f"{spec.family}, {other.label} is {other_spec.family}")
             _check_same_shapes(first, other)
+        _check_same_function(first, others, set(accept_config_differences))
         graph = MergeGraph.build(spec, first.config, first.tensors, first.label)
         return cls(models, base_index, spec, graph)
 
+    def file_identities(self, with_hash: bool = False) -> dict[str, dict]:
+        """Every local file the merge reads (shards, configs), by '<model>/<file>'.
+
+        Files still on the hub (not in the local cache) are identified by their
+        headers, which the plan's fingerprint already covers.
+        """
+        identities = {}
+        for index in self.all:
+            for file in sorted({info.file for info in index.tensors.values()} | {"config.json"}):
+                path = index.files.local_path(file)
+                if path is not None and path.exists():
+                    identities[f"{index.label}/{file}"] = file_identity(path.resolve(), with_hash)
+        return identities
+
     @classmethod
     def from_plan(cls, plan: PlanConfig) -> "ModelSet":
-        return cls.open([m.ref for m in plan.models], plan.base_model)
+        return cls.open([m.ref for m in plan.models], plan.base_model,
+                        plan.accept_config_differences)
 
 
 def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:
@@ -77,6 +107,33 @@ def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:
         if other.shape != info.shape:
             raise PacerError(f"tensor {name!r} has shape {list(other.shape)} in {b.label} but "
                              f"{list(info.shape)} in {a.label}")
+        both_float = info.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES
+        if other.dtype != info.dtype and not both_float:
+            # bf16 vs fp32 of one weight is a fair merge (computed in fp32); integers of
+            # another width, or integers against floats, are different data
+            raise PacerError(f"tensor {name!r} is {other.dtype} in {b.label} but {info.dtype} "
+                             f"in {a.label}; only floating-point dtypes may differ between "
+                             "models")
+
+
+def _check_same_function(first: CheckpointIndex, others: list[CheckpointIndex],
+                         accepted: set[str]) -> None:
+    """Refuse models whose configs differ in a key that changes what they compute."""
+    differences: dict[str, list[str]] = {}
+    for other in others:
+        for key in sorted(set(first.config) | set(other.config)):
+            if key in NEUTRAL_KEYS or key in SHAPE_KEYS or key in accepted:
+                continue
+            mine, theirs = first.config.get(key, "<unset>"), other.config.get(key, "<unset>")
+            if mine != theirs:
+                differences.setdefault(key, []).append(f"{other.label}: {theirs!r}")
+    if differences:
+        listed = "; ".join(f"{key} = {first.config.get(key, '<unset>')!r} in {first.label}, "
+                           + ", ".join(values) for key, values in differences.items())
+        raise PacerError(f"the models' configs differ in keys that change what they compute: "
+                         f"{listed}. Merge models of one configuration, or add "
+                         f"accept_config_differences: [{', '.join(differences)}] to the plan "
+                         f"to merge anyway ({first.label}'s values are written)")
 
 
 def _labels(id2label: dict) -> dict[int, str]:

@@ -25,17 +25,24 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
     if isinstance(text, bool):
         raise PacerError(f"{what}: expected a size like 16GB, got {text!r}")
     if isinstance(text, (int, float)):
-        if text <= 0:
-            raise PacerError(f"{what}: must be positive, got {text!r}")
-        return int(text)
+        return _checked(float(text), text, what)
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
         raise PacerError(f"{what}: expected a size like 16GB or 512MiB, got {text!r}")
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise PacerError(f"{what}: must be positive, got {text!r}")
-    return value
+    return _checked(float(match.group(1)) * _UNITS[unit], text, what)
+
+
+MAX_SIZE = 2**60  # an exabyte: anything larger is a typo, and would overflow int64 offsets
+
+
+def _checked(value: float, text, what: str) -> int:
+    if value != value or value < 1:  # NaN compares unequal to itself
+        raise PacerError(f"{what}: must be at least one byte, got {text!r}")
+    if value > MAX_SIZE:
+        raise PacerError(f"{what}: {text!r} is larger than any disk or memory (an exabyte "
+                         "at most)")
+    return int(value)
 
 
 def format_size(n: float) -> str:

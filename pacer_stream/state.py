@@ -42,8 +42,12 @@ class RunState:
         """Open (resume) or create the state at ``path``.
 
         A state written for another plan or other inputs is refused unless
-        ``restart`` is set, in which case it is wiped.
+        ``restart`` is set, in which case it is wiped. A folder that holds anything
+        but a pacer-stream state is never wiped, ``restart`` or not.
         """
+        if is_foreign(path):
+            raise PacerError(f"{path} exists and is not a pacer-stream run state; nothing was "
+                             "changed: choose a new or empty folder for the state")
         if path.exists() and restart:
             shutil.rmtree(path)
         if path.exists():
@@ -65,6 +69,38 @@ class RunState:
                             "complete": False})
         return cls(path, group)
 
+    def check_inputs(self, identities: dict[str, dict]) -> None:
+        """Record the input files' identities, or refuse a resume over changed inputs.
+
+        Identities come from :func:`pacer_stream.inputs.file_identities`: size, mtime_ns
+        and inode, and a sha256 when the first run was asked for one. A file whose
+        stat changed but whose recorded sha256 still matches is accepted (copied or
+        touched, same bytes) and its new stat recorded.
+        """
+        recorded = self.group.attrs.get("inputs")
+        if recorded is None:
+            self.group.attrs["inputs"] = identities
+            return
+        for name, now in identities.items():
+            then = recorded.get(name)
+            if then is None:
+                raise PacerError(f"{name}: this input file is new since the run in "
+                                 f"{self.path.parent} started; re-run with --restart to start "
+                                 "over with the current inputs")
+            if _same_file(then, now):
+                continue
+            if "sha256" in then and then["sha256"] == _sha256(Path(now["path"])):
+                continue
+            what = "finished merge" if self.complete else "interrupted run"
+            raise PacerError(f"{name}: input file changed since the {what} in "
+                             f"{self.path.parent} ({_change(then, now)}); restore it, or "
+                             "re-run with --restart to merge the current inputs")
+        gone = sorted(set(recorded) - set(identities))
+        if gone:
+            raise PacerError(f"{gone[0]}: input file is gone since the run in {self.path.parent} "
+                             "started; restore it, or re-run with --restart")
+        self.group.attrs["inputs"] = identities
+
     def is_done(self, unit: str) -> bool:
         return unit in self.units
 
@@ -78,6 +114,60 @@ class RunState:
 
     def mark_complete(self) -> None:
         self.group.attrs["complete"] = True
+
+
+def is_run_state(path: Path) -> bool:
+    """Whether ``path`` holds a pacer-stream run state (a zarr group with our attributes)."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    if isinstance(attrs, dict) and "fingerprint" in attrs and "format" in attrs:
+        return True
+    # killed between creating the group and writing its attributes: still ours
+    return attrs == {} and [p.name for p in path.iterdir()] == ["zarr.json"]
+
+
+def is_foreign(path: Path) -> bool:
+    """Whether ``path`` exists and holds something other than a run state (or nothing)."""
+    if not path.exists():
+        return False
+    if not path.is_dir() or path.is_symlink():
+        return True
+    return any(path.iterdir()) and not is_run_state(path)
+
+
+def file_identity(path: Path, with_hash: bool = False) -> dict:
+    """What identifies a file's content cheaply: size, mtime_ns, inode (and a sha256)."""
+    st = path.stat()
+    identity = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "inode": st.st_ino}
+    if with_hash:
+        identity["sha256"] = _sha256(path)
+    return identity
+
+
+def _same_file(then: dict, now: dict) -> bool:
+    return all(then.get(k) == now.get(k) for k in ("size", "mtime_ns", "inode"))
+
+
+def _change(then: dict, now: dict) -> str:
+    if then.get("size") != now.get("size"):
+        return f"size {then.get('size')} -> {now.get('size')} bytes"
+    if then.get("mtime_ns") != now.get("mtime_ns"):
+        return "modified"
+    return "replaced by another file"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class PassCheckpoint:

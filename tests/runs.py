@@ -15,7 +15,7 @@ def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.
     if failpoint:
         env["PACER_STREAM_FAILPOINT"] = failpoint
     return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), "--quiet",
-                           *args], capture_output=True, text=True, env=env, timeout=300)
+                           *args], capture_output=True, text=True, env=env)
 
 
 def digests(folder: Path) -> dict[str, str]:

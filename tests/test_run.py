@@ -95,7 +95,8 @@ def reference(method: str, xs: list[torch.Tensor], base: torch.Tensor | None, na
     ("ties", True, "bert"),
 ])
 def test_method_matches_reference(method, base, family, fixtures_dir, tmp_path):
-    params = "parameters: {density: 0.5, lambda: 0.9}\n" if method != "linear" else ""
+    params = {"linear": "", "task_arithmetic": "parameters: {lambda: 0.9}\n"}.get(
+        method, "parameters: {density: 0.5, lambda: 0.9}\n")
     run_cli(str(write_plan(tmp_path, fixtures_dir, family, method, base, params)))
     merged = load_all(tmp_path / "out")
     inputs = [load_all(fixtures_dir / family / m) for m in MODELS]
