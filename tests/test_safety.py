@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +61,18 @@ def write_plan(tmp: Path, models: Path, out: Path | str = "out", method: str = "
     return plan
 
 
+def run_here(plan: Path, *args: str) -> SimpleNamespace:
+    """``pacer-stream run PLAN --quiet ARGS`` in this process (no start-up cost), with the
+    same exit status and streams as the console script."""
+    from pacer_stream.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(plan), "--quiet", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout,
+                           stderr=result.stderr)
+
+
 def one_line_error(proc, *needles: str) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     line = proc.stderr.strip()
@@ -78,7 +91,7 @@ def test_output_never_is_contains_or_lies_inside_an_input(where, models, tmp_pat
     if where == "symlink":
         target.symlink_to(models / "ft2", target_is_directory=True)
     before = tree_digest(models)
-    proc = run_cli(write_plan(tmp_path, models, out=target), "--force")
+    proc = run_here(write_plan(tmp_path, models, out=target), "--force")
     one_line_error(proc, "input model", "choose another output path")
     assert tree_digest(models) == before
     assert not (models / "ft2" / "merged").exists()
@@ -86,7 +99,7 @@ def test_output_never_is_contains_or_lies_inside_an_input(where, models, tmp_pat
 
 def test_state_dir_inside_an_input_is_refused(models, tmp_path):
     before = tree_digest(models)
-    proc = run_cli(write_plan(tmp_path, models), "--state-dir", str(models / "ft1" / "state"))
+    proc = run_here(write_plan(tmp_path, models), "--state-dir", str(models / "ft1" / "state"))
     one_line_error(proc, "--state-dir", "input model")
     assert tree_digest(models) == before
 
@@ -98,7 +111,7 @@ def test_restart_with_a_foreign_state_dir_deletes_nothing(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.csv").write_text("1,2,3")
-    proc = run_cli(write_plan(tmp_path, models), "--state-dir", str(precious), "--restart")
+    proc = run_here(write_plan(tmp_path, models), "--state-dir", str(precious), "--restart")
     one_line_error(proc, str(precious), "not a pacer-stream run state")
     assert (precious / "thesis.tex").read_text() == "precious"
     assert (out / "results.csv").read_text() == "1,2,3"
@@ -108,25 +121,25 @@ def test_restart_does_not_empty_a_foreign_output_folder(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.csv").write_text("1,2,3")
-    proc = run_cli(write_plan(tmp_path, models), "--restart")
+    proc = run_here(write_plan(tmp_path, models), "--restart")
     one_line_error(proc, "not empty", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
 
 
 def test_state_dir_of_another_output_is_refused(models, tmp_path):
     state = tmp_path / "state"
-    assert run_cli(write_plan(tmp_path, models, out="first"), "--state-dir", str(state)) \
+    assert run_here(write_plan(tmp_path, models, out="first"), "--state-dir", str(state)) \
         .returncode == 0
-    proc = run_cli(write_plan(tmp_path, models, out="second"), "--state-dir", str(state))
+    proc = run_here(write_plan(tmp_path, models, out="second"), "--state-dir", str(state))
     one_line_error(proc, "another output folder", str(tmp_path / "first"))
     assert not any((tmp_path / "second").glob("*.safetensors"))
 
 
 def test_restart_with_a_budget_too_small_keeps_the_finished_merge(models, tmp_path):
     plan = write_plan(tmp_path, models, method="pacer")
-    assert run_cli(plan).returncode == 0
+    assert run_here(plan).returncode == 0
     before = model_digest(tmp_path / "out")
-    proc = run_cli(plan, "--restart", "--max-memory", "2MB")
+    proc = run_here(plan, "--restart", "--max-memory", "2MB")
     one_line_error(proc, "--max-memory")
     assert model_digest(tmp_path / "out") == before
 
@@ -135,7 +148,7 @@ def test_plan_file_inside_the_output_folder_is_refused(models, tmp_path):
     out = tmp_path / "work"
     out.mkdir()
     plan = write_plan(out, models, out=out)
-    proc = run_cli(plan, "--force")
+    proc = run_here(plan, "--force")
     one_line_error(proc, "holds the plan file")
     assert plan.exists()
 
@@ -155,7 +168,7 @@ def test_non_finite_numbers_in_the_plan_are_refused(extra, needle, models, tmp_p
                         f"method: linear\noutput: {{path: {tmp_path / 'out'}}}\n")
     else:
         plan = write_plan(tmp_path, models, method="dare_ties", extra=extra)
-    one_line_error(run_cli(plan), needle, "finite")
+    one_line_error(run_here(plan), needle, "finite")
     assert not (tmp_path / "out").exists()
 
 
@@ -175,7 +188,7 @@ def _retype(folder: Path, name: str, dtype: torch.dtype) -> None:
 def test_float_and_integer_dtypes_are_not_merged(models, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     _retype(models / "ft2", name, torch.int32)
-    proc = run_cli(write_plan(tmp_path, models))
+    proc = run_here(write_plan(tmp_path, models))
     one_line_error(proc, name, "I32", "only floating-point dtypes may differ")
     assert not (tmp_path / "out").exists()
 
@@ -184,7 +197,7 @@ def test_different_float_dtypes_merge_in_fp32(models, tmp_path):
     name = "model.layers.1.self_attn.q_proj.weight"
     _retype(models / "ft2", name, torch.float32)  # the fixtures are stored in another dtype
     plan = write_plan(tmp_path, models, method="linear", names=("ft1", "ft2"))
-    proc = run_cli(plan)
+    proc = run_here(plan)
     assert proc.returncode == 0, proc.stderr
     a = make_fixtures.file_state(models / "ft1")[name]
     b = make_fixtures.file_state(models / "ft2")[name]
@@ -206,10 +219,10 @@ def test_inputs_changed_before_a_resume_are_refused_by_name(models, tmp_path):
     plan = write_plan(tmp_path, models)
     assert run_cli(plan, failpoint="unit-done:2").returncode == -signal.SIGKILL
     shard = _damage_values(models / "ft3")
-    proc = run_cli(plan)
+    proc = run_here(plan)
     one_line_error(proc, shard.name, "changed", "--restart")
     assert not (tmp_path / "out" / "config.json").exists()
-    assert run_cli(plan, "--restart").returncode == 0
+    assert run_here(plan, "--restart").returncode == 0
 
 
 def test_hashed_inputs_accept_a_touched_file_and_refuse_a_changed_one(models, tmp_path):
@@ -217,13 +230,13 @@ def test_hashed_inputs_accept_a_touched_file_and_refuse_a_changed_one(models, tm
     assert run_cli(plan, "--hash-inputs", failpoint="unit-done:2").returncode == -signal.SIGKILL
     shard = sorted((models / "ft1").glob("model-*.safetensors"))[0]
     os.utime(shard, ns=(1, 1))  # touched: another mtime, the same bytes
-    assert run_cli(plan, "--hash-inputs").returncode == 0
+    assert run_here(plan, "--hash-inputs").returncode == 0
     reference = tmp_path / "reference"
-    assert run_cli(write_plan(tmp_path, models, out=reference)).returncode == 0
+    assert run_here(write_plan(tmp_path, models, out=reference)).returncode == 0
     assert model_digest(tmp_path / "out") == model_digest(reference)
     # a finished merge over changed inputs is no longer "already complete"
     _damage_values(models / "ft1")
-    one_line_error(run_cli(plan), "changed since the finished merge", "--restart")
+    one_line_error(run_here(plan), "changed since the finished merge", "--restart")
 
 
 def test_config_differences_that_change_the_function_are_refused(models, tmp_path):
@@ -231,12 +244,12 @@ def test_config_differences_that_change_the_function_are_refused(models, tmp_pat
     config["rope_theta"] = 1234.0
     config["rms_norm_eps"] = 1e-3
     (models / "ft2" / "config.json").write_text(json.dumps(config))
-    proc = run_cli(write_plan(tmp_path, models))
+    proc = run_here(write_plan(tmp_path, models))
     one_line_error(proc, "rope_theta", "1234.0", "rms_norm_eps", "accept_config_differences")
     assert not (tmp_path / "out").exists()
     accepted = write_plan(tmp_path, models, out="accepted",
                           extra="accept_config_differences: [rope_theta, rms_norm_eps]\n")
-    assert run_cli(accepted).returncode == 0
+    assert run_here(accepted).returncode == 0
     written = json.loads((tmp_path / "accepted" / "config.json").read_text())
     anchor = json.loads((models / "ft1" / "config.json").read_text())
     assert written["rms_norm_eps"] == anchor["rms_norm_eps"] != 1e-3
@@ -247,7 +260,7 @@ def test_plan_level_weight_is_used(models, tmp_path):
     plan.write_text(f"models: [{{model: {models / 'ft1'}, weight: 1.0}}, {models / 'ft2'}]\n"
                     f"method: linear\nparameters: {{weight: 3.0}}\n"
                     f"output: {{path: {tmp_path / 'out'}, dtype: float32}}\n")
-    assert run_cli(plan).returncode == 0
+    assert run_here(plan).returncode == 0
     name = "model.layers.0.mlp.down_proj.weight"
     a = make_fixtures.file_state(models / "ft1")[name].float()
     b = make_fixtures.file_state(models / "ft2")[name].float()
@@ -271,14 +284,14 @@ def test_plan_values_a_method_ignores_are_refused_by_name(method, extra, needle,
     if method == "task_arithmetic":
         extra += f"base_model: {models / 'anchor'}\n"
     plan = write_plan(tmp_path, models, method=method, extra=extra)
-    one_line_error(run_cli(plan), needle)
+    one_line_error(run_here(plan), needle)
 
 
 # -- errors: one line, exit 2 --------------------------------------------------------
 
 @pytest.mark.parametrize("flag", ["--shard-size", "--max-memory"])
 def test_absurd_sizes_are_one_line_errors(flag, models, tmp_path):
-    one_line_error(run_cli(write_plan(tmp_path, models), flag, "1e400"), flag)
+    one_line_error(run_here(write_plan(tmp_path, models), flag, "1e400"), flag)
 
 
 def _invoke(args: list[str]):
@@ -318,17 +331,17 @@ def test_a_second_run_on_a_locked_output_refuses_at_once(models, tmp_path):
 
     plan = write_plan(tmp_path, models)
     with OutputLock(tmp_path / "out"):
-        proc = run_cli(plan)
+        proc = run_here(plan)
     one_line_error(proc, "in use by another pacer-stream run", f"pid {os.getpid()}")
     assert not any((tmp_path / "out").glob("*.safetensors"))
-    assert run_cli(plan).returncode == 0  # released: the next run goes ahead
+    assert run_here(plan).returncode == 0  # released: the next run goes ahead
 
 
 def test_a_killed_run_leaves_no_lock_that_blocks_the_resume(models, tmp_path):
     plan = write_plan(tmp_path, models)
     assert run_cli(plan, failpoint="unit-done:1").returncode == -signal.SIGKILL
     assert json.loads((tmp_path / "out" / ".pacer-lock").read_text())["pid"] > 0
-    assert run_cli(plan).returncode == 0
+    assert run_here(plan).returncode == 0
     assert (tmp_path / "out" / ".pacer-lock").read_bytes() == b""
 
 
@@ -341,7 +354,7 @@ def test_no_shard_or_config_looks_final_before_the_run_is(models, tmp_path):
     assert not (out / "config.json").exists()
     assert not list(out.glob("model*.safetensors")), sorted(p.name for p in out.iterdir())
     assert list(out.glob(".model*.partial"))
-    assert run_cli(plan).returncode == 0
+    assert run_here(plan).returncode == 0
 
 
 def test_align_only_summary_counts_what_it_wrote(models, tmp_path):
