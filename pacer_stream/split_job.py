@@ -1,15 +1,20 @@
 """``method: split_merge``, streamed: four passes over the units, each resumable.
 
 1. ``variance-high``  histogram of the high 16 bits of every position's variance;
-2. ``variance-low``   histogram of the low bits inside the k-th value's bin, and μ is
-                      written (a normal checkpoint: shards, index, config);
+2. ``variance-low``   histogram of the low bits inside the k-th value's bin, and μ's
+                      tensors written into its shards' hidden partial files;
 3. ``gram``           the n × n Gram matrix of the selected deviations (fp64) and how
                       many positions each tensor contributes; then the eigenpair;
 4. ``eta``            η written to ``eta.safetensors`` (per tensor sparse or dense).
 
+Then the finish, in an order that never shows a finished-looking folder early:
+η and ``split_merge.json``, μ's shards renamed and checked, the index, side files
+and model card, and ``config.json`` last (a folder with one loads as a model).
+
 Each pass keeps its accumulators in a :class:`~pacer_stream.state.PassCheckpoint`
 saved after every unit, so a killed run resumes at the unit it was in and writes
-the same bytes. The math is in :mod:`pacer_stream.methods.split_merge`.
+the same bytes. The math is in :mod:`pacer_stream.methods.split_merge`; nothing in
+it depends on where slices are cut, so neither does the output (see ``_gram_ranges``).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from .errors import PacerError
 from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
 from .export.dense import copy_side_files, model_card, write_card, write_config
 from .io.header import DTYPES
-from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
+from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic
 from .methods.sparsify import HIST_BINS, MagnitudeSelect, keep_count, threshold_mask
 from .methods.split_merge import (ETA_FILE, ETA_FORMAT, INFO_FILE, Components, deviations,
+                                  gram_group_rows, gram_slice_rows, group_counts, group_grams,
                                   sparse_is_smaller, twin_merge_params, variance_bits)
 from .planner import SPLIT_PASSES as PASSES
 from .state import PassCheckpoint, RunState
@@ -44,26 +50,33 @@ class SplitMergeJob(MergeJob):
         if self.models.base is not None:
             raise PacerError("method split_merge is base-free (μ is the models' mean); remove "
                              "base_model from the plan")
+        self.density = float(self.config.parameters.get("density", 1.0))
+        if not 0 < self.density <= 1:  # also refuses nan
+            raise PacerError(f"parameters.density must be in (0, 1], got {self.density}")
         state = self._open_state()
-        if state.complete and (self.out_dir / INFO_FILE).exists():
+        finished = [INFO_FILE, ETA_FILE, "config.json", *(s.file for s in self.shards)]
+        if state.complete and all((self.out_dir / name).exists() for name in finished):
             self.summary.already_complete = True
             return self.summary
-        self.density = float(self.config.parameters.get("density", 1.0))
-        if not 0 < self.density <= 1:
-            raise PacerError(f"parameters.density must be in (0, 1], got {self.density}")
         self.float_names = [t for t in self.order if t in self.models.graph.nodes
                             and self.models.graph.nodes[t].info.is_float]
         self.numel = sum(self.anchor.tensors[t].numel for t in self.float_names)
+        if self.numel == 0:
+            raise PacerError("method split_merge: the models have no float weights to merge")
         self.k = keep_count(self.density, self.numel)
         self.ckpt = PassCheckpoint(state.group.require_group("split"))
         quiet = self.options.quiet or not sys.stderr.isatty()
+        units = self.models.graph.units
+        # units whose every pass an earlier run finished: nothing left to do for them
+        self.summary.units_skipped = [u.name for u in units
+                                      if state.is_done(f"{PASSES[-1]}/{u.name}")]
         with RssMonitor() as rss:
             self.mu_writer = ShardWriter(self.out_dir, self.shards)
             self._passes(state, quiet)
+            self._finish_output(state, self.mu_writer)
             self.mu_writer.close()
         self.summary.peak_rss = rss.peak
         self.summary.seconds = time.perf_counter() - start
-        self._write_report(state)
         state.mark_complete()
         return self.summary
 
@@ -88,8 +101,8 @@ class SplitMergeJob(MergeJob):
                     record = {**record, "next_unit": i + 1, **acc.record()}
                     self.ckpt.save(acc.arrays(), record)
                     state.mark_done(f"{name}/{units[i].name}", {"pass": name})
-                    if name == "variance-low":
-                        self._finish_mu_shards(state)
+                    if units[i].name not in self.summary.units_done:  # the summary's count
+                        self.summary.units_done.append(units[i].name)
                     failpoints.hit("unit-done")
                     bar.update(1)
             arrays, record = self._end(name, acc, state, record)
@@ -106,13 +119,11 @@ class SplitMergeJob(MergeJob):
              record: dict) -> tuple[dict, dict]:
         nxt = PASSES[PASSES.index(name) + 1] if name != PASSES[-1] else "done"
         if name == "variance-low":
-            self.mu_writer.sync()
-            self._finish_mu_shards(state)
-            self._finish_mu()
+            self.mu_writer.sync()  # μ's shards stay hidden partial files until the finish
             threshold, ties = acc.select.cut() if not acc.select.keep_all else (-1, 0)
             record.update(threshold=threshold, ties=ties)
         if name == "gram":
-            parts = Components.from_gram(torch.tensor(acc.gram))
+            parts = self._components(acc.gram)
             record.update(eigenvalue=parts.eigenvalue, combination=parts.combination,
                           coefficients=parts.coefficients)
         if name == "eta":
@@ -120,6 +131,26 @@ class SplitMergeJob(MergeJob):
         record = {**record, "pass": nxt, "next_unit": 0}
         record.pop("ties_left_at_unit", None)
         return acc.arrays(), record
+
+    def _components(self, gram: np.ndarray) -> Components:
+        """The eigenpair of G, refused when it is not finite (NaN or Inf merged in)."""
+        if not np.isfinite(gram).all():
+            raise PacerError("split_merge: the Gram matrix of the selected deviations holds NaN "
+                             "or Inf (from inputs merged with --allow-nonfinite); the "
+                             "coefficients need finite weights: fix the checkpoints")
+        parts = Components.from_gram(torch.tensor(gram))
+        if not parts.is_finite():
+            raise PacerError(f"split_merge: the top eigenpair of the Gram matrix is not finite "
+                             f"(eigenvalue {parts.eigenvalue}); check the inputs' weights")
+        return parts
+
+    def _gram_ranges(self, name: str) -> list[tuple[int, int]]:
+        """Row slices for the Gram pass: whole fixed row groups, so G sums the same way
+        under any budget (a slice never splits a group; at least one group a slice)."""
+        plan = self._slices(name, split_copies(len(self.inputs)))
+        info = self.anchor.tensors[name]
+        rows = gram_slice_rows(plan.rows, plan.total_rows, _row_numel(info.shape))
+        return [(r, min(r + rows, plan.total_rows)) for r in range(0, plan.total_rows, rows)]
 
     def _unit(self, name: str, unit, acc: "Accumulators") -> None:
         """One unit of one pass; the μ pass also writes its non-float and passthrough tensors."""
@@ -133,8 +164,10 @@ class SplitMergeJob(MergeJob):
                 continue
             offset = 0
             info = graph.nodes[tensor].info
-            row_numel = info.numel // info.shape[0] if info.shape else 1
-            for rows in self._ranges(tensor, split_copies(len(self.inputs))):
+            row_numel = _row_numel(info.shape)
+            ranges = self._gram_ranges(tensor) if name == "gram" else \
+                self._ranges(tensor, split_copies(len(self.inputs)))
+            for rows in ranges:
                 x, _ = self._load(tensor, rows, check=name == PASSES[0])
                 self.summary.read_bytes += self._nbytes(tensor, rows)
                 mu, delta = deviations(x)
@@ -151,10 +184,13 @@ class SplitMergeJob(MergeJob):
                     mask = acc.mask(bits)
                     selected = delta.reshape(delta.shape[0], -1)[:, mask]
                     if name == "gram":
-                        acc.add_gram(selected, tensor)
+                        group = gram_group_rows(row_numel) * row_numel
+                        acc.add_gram(selected, group_counts(mask, group), tensor)
                     else:
                         where = torch.nonzero(mask).reshape(-1) + rows[0] * row_numel
                         offset = self._write_eta(tensor, selected, where, offset)
+            if name == "eta":
+                self._check_eta_count(tensor, offset)
         if name == "eta":
             self.eta_writer.sync()
         else:
@@ -162,20 +198,26 @@ class SplitMergeJob(MergeJob):
 
     # -- outputs -------------------------------------------------------------------------
 
-    def _finish_mu_shards(self, state: RunState) -> None:
-        """Rename μ's shards whose units the μ pass has finished."""
-        for shard in self.shards:
-            ready = all(state.is_done(f"variance-low/{self.recipe_unit[t.name]}")
-                        for t in shard.tensors)
-            if ready and (self.out_dir / shard.partial).exists():
-                self.mu_writer.finish(shard)
+    def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
+        """After every pass (η and split_merge.json are in place): μ's shards renamed and
+        checked, index, side files, model card, config.json last; then the report.
 
-    def _finish_mu(self) -> None:
-        self.mu_writer.write_index()
-        write_config(self.out_dir, self.anchor.config, self.out_dtype)
+        Each step can be repeated, so a run killed in the middle resumes here.
+        """
+        for shard in self.shards:
+            if (self.out_dir / shard.partial).exists():
+                writer.finish(shard)
+        eta_shards = self.eta_writer.shards  # laid out from the saved record
+        verify_shards(self.out_dir, self.shards)
+        verify_shards(self.out_dir, eta_shards)
+        failpoints.hit("split-finish")
+        writer.write_index()
         copy_side_files(self.out_dir, self.anchor)
         write_card(self.out_dir, model_card(self.config, self.models.models,
                                             self.models.spec.family, self._param_record()))
+        write_config(self.out_dir, self.anchor.config, self.out_dtype)
+        self.summary.write_bytes = sum(s.size for s in (*self.shards, *eta_shards))
+        self._write_report(state)
 
     def _eta_layout(self, record: dict) -> list[OutTensor]:
         out = []
@@ -201,6 +243,7 @@ class SplitMergeJob(MergeJob):
                                          metadata={"format": ETA_FORMAT})
             self._eta_writer = ShardWriter(self.out_dir, self.eta_shard)
             self.eta_dense = {t.name for t in layout if "::" not in t.name}
+            self._eta_nnz = dict(record["nnz"])
         return self._eta_writer
 
     def _write_eta(self, name: str, selected: torch.Tensor, where: torch.Tensor,
@@ -212,7 +255,7 @@ class SplitMergeJob(MergeJob):
         values = self.parts.eta(selected).cpu()
         if name in self.eta_dense:  # whole tensor dense: scatter this slice's values
             info = self.anchor.tensors[name]
-            row_numel = info.numel // info.shape[0] if info.shape else 1
+            row_numel = _row_numel(info.shape)
             first = int(where[0]) // row_numel
             last = int(where[-1]) // row_numel + 1
             block = torch.zeros((last - first) * row_numel, dtype=torch.float32)
@@ -224,12 +267,21 @@ class SplitMergeJob(MergeJob):
         writer.write(f"{name}::values", values, first_row=offset)
         return offset + len(values)
 
+    def _check_eta_count(self, name: str, written: int) -> None:
+        """A sparse η tensor must get exactly the entries the Gram pass counted."""
+        if f"{name}::values" in self.eta_writer.where and written != self._eta_nnz[name]:
+            raise AssertionError(f"{name}: wrote {written} η entries, the Gram pass counted "
+                                 f"{self._eta_nnz[name]}")
+
     def _finish_eta(self, record: dict) -> None:
+        """η renamed into place and checked, then split_merge.json (both can be repeated)."""
         writer = self.eta_writer
         writer.sync()
         for shard in self.eta_shard:
-            writer.finish(shard)
+            if (self.out_dir / shard.partial).exists():  # else renamed by a killed run
+                writer.finish(shard)
         writer.close()
+        verify_shards(self.out_dir, self.eta_shard)
         shapes = [tuple(self.anchor.tensors[t].shape) for t in self.float_names]
         n = len(self.models.models)
         split_params = self.numel + self.k + n
@@ -251,7 +303,15 @@ class SplitMergeJob(MergeJob):
             },
         }
         write_atomic(self.out_dir / INFO_FILE, json.dumps(info, indent=1) + "\n")
-        self.summary.write_bytes = info["eta_bytes"] + info["mu_bytes"]
+        failpoints.hit("split-finish")
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    """Elements in one row (first-axis index) of a tensor; a scalar is one row of one."""
+    numel = 1
+    for d in shape[1:]:
+        numel *= d
+    return numel
 
 
 def split_copies(n: int) -> int:
@@ -300,8 +360,10 @@ class Accumulators:
         keep, self.ties_left = threshold_mask(bits, self.threshold, self.ties_left)
         return keep
 
-    def add_gram(self, selected: torch.Tensor, tensor: str) -> None:
-        part = selected.double()
-        self.gram += (part @ part.T).cpu().numpy()
+    def add_gram(self, selected: torch.Tensor, counts: list[int], tensor: str) -> None:
+        """Add the Gram matrices of a slice's row groups (``counts``: selected columns per
+        group) to G one group at a time, in row order: the same sums under any slicing."""
+        for partial in group_grams(selected, counts).numpy():
+            self.gram += partial
         self.nnz[tensor] = self.nnz.get(tensor, 0) + selected.shape[1]
 

@@ -112,6 +112,15 @@ class ShardWriter:
             except OSError as exc:
                 raise PacerError(f"{path}: cannot create ({exc.strerror})") from None
             self._pwrite(fd, shard.header, 0, shard)
+            # full size from the start: bytes never written read as zeros (a sparse
+            # tensor's unselected entries), and the file is never shorter than its header says
+            try:
+                os.ftruncate(fd, shard.size)
+            except OSError as exc:
+                os.close(fd)
+                raise PacerError(f"{path}: write failed (sizing it to {shard.size} bytes: "
+                                 f"{exc.strerror}); free space or fix the disk, then re-run the "
+                                 "same command to resume") from None
             self._fds[shard.file] = fd
         return self._fds[shard.file]
 
@@ -122,6 +131,9 @@ class ShardWriter:
             raise AssertionError(f"{name}: writing {data.dtype} into a {info.dtype} slot")
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if first_row * row_bytes + len(raw) > info.nbytes:  # would overwrite the next tensor
+            raise AssertionError(f"{name}: {len(raw)} bytes from row {first_row} run past its "
+                                 f"{info.nbytes}-byte slot")
         self._pwrite(self._fd(shard), memoryview(raw), shard.offsets[name] + first_row * row_bytes,
                      shard)
         self.dirty.add(shard.file)
@@ -151,8 +163,15 @@ class ShardWriter:
         fd = self._fds.pop(shard.file, None)
         if fd is None:  # all its tensors were written by an earlier, interrupted run
             fd = os.open(self.out_dir / shard.partial, os.O_RDWR)
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            size = os.fstat(fd).st_size
+            if size != shard.size:  # never rename a short (or long) file into place
+                raise PacerError(f"{self.out_dir / shard.partial}: {size} bytes, but its header "
+                                 f"describes {shard.size}; the shard is incomplete: start it "
+                                 "over (a merge: re-run with --restart)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(self.out_dir / shard.partial, self.out_dir / shard.file)
         fsync_dir(self.out_dir)
 
@@ -171,8 +190,37 @@ class ShardWriter:
         write_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def verify_shards(folder: Path, shards: list[Shard]) -> None:
+    """Check every finished shard on disk: its header is the planned one, its size whole.
+
+    Run before a run is marked complete, so a short or foreign file is never reported
+    as a finished output. Raises :class:`PacerError` naming the first bad file.
+    """
+    for shard in shards:
+        path = Path(folder) / shard.file
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(shard.header))
+                size = os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise PacerError(f"{path}: cannot read the finished shard ({exc.strerror}); "
+                             "start it over (a merge: re-run with --restart)") from None
+        if head != shard.header:
+            raise PacerError(f"{path}: header differs from the planned one; the file was "
+                             "changed or is not this run's: start it over (a merge: re-run "
+                             "with --restart)")
+        if size != shard.size:
+            raise PacerError(f"{path}: {size} bytes, but its header describes {shard.size}; "
+                             "the shard is incomplete: start it over (a merge: re-run with "
+                             "--restart)")
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a small file via a temporary name and rename, so it is whole or absent."""
+    """Write a small file via a temporary name and rename, so it is whole or absent.
+
+    The folder is fsynced too: the rename is on disk before the next file is written,
+    so files written in order (config.json last) reach the disk in that order.
+    """
     tmp = path.with_name(f".{path.name}.partial")
     data = text.encode() if isinstance(text, str) else text
     with open(tmp, "wb") as f:
@@ -180,6 +228,7 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
