@@ -49,7 +49,7 @@ def run(plan: Path, *args: str, failpoint: str | None = None, fsize: int | None 
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     return subprocess.run([sys.executable, "-m", "pacer_stream", "run", str(plan), *args],
-                          capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
+                          capture_output=True, text=True, env=env, preexec_fn=limit)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,98 @@
+"""Every named failpoint of every method: SIGKILL there, check that nothing looks
+finished, resume, and compare the output byte for byte with an uninterrupted run.
+
+The cases are data; a test reads the failpoint names out of the source, so a new
+failpoint that no case reaches fails the suite instead of going untested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from runs import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# method -> (fixture family, models, plan lines)
+PLANS = {
+    "ties": ("llama", ("ft1", "ft2", "ft3"),
+             "method: ties\nparameters: {density: 0.5}\n"),
+    "pacer": ("conflict", ("m1", "m2", "m3"),  # upcycles block 2 to experts
+              "method: pacer\npacer: {interference_threshold: 0.35}\n"),
+    "split_merge": ("llama", ("ft1", "ft2", "perm"),
+                    "method: split_merge\nparameters: {density: 0.3}\n"),
+    "align_only": ("llama", ("anchor", "perm"), "method: linear\nalign: only\n"),
+}
+# (method, failpoint:n): the n-th time the run passes that point it is killed
+CASES = [
+    ("ties", "tensor-written:5"), ("ties", "unit-done:2"),
+    ("pacer", "align-unit:3"), ("pacer", "stats-unit:2"), ("pacer", "tensor-written:9"),
+    ("pacer", "unit-done:4"),
+    ("split_merge", "unit-done:2"), ("split_merge", "unit-done:7"),
+    ("split_merge", "unit-done:11"), ("split_merge", "unit-done:15"),
+    ("split_merge", "split-finish:1"),
+    ("align_only", "align-unit:2"), ("align_only", "aligned-unit:1"),
+]
+
+pytestmark = pytest.mark.slow
+
+
+def write_plan(tmp: Path, fixtures: Path, method: str, out: str) -> Path:
+    family, names, lines = PLANS[method]
+    refs = ", ".join(str(fixtures / family / m) for m in names)
+    plan = tmp / f"{out}.yaml"
+    plan.write_text(f"models: [{refs}]\n{lines}seed: 2\n"
+                    f"output: {{path: {tmp / out}, shard_size: 60KB}}\n")
+    return plan
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """sha256 of every output file, sub-folders included, but the report and the state."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != "pacer_report.json" and ".pacer-state" not in p.parts}
+
+
+def looks_finished(folder: Path) -> list[str]:
+    """Files that would make a folder (or an align-only peer folder) look like a finished
+    checkpoint or a finished run: a config, an index, model shards, the report."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name in ("config.json", "model.safetensors.index.json", "pacer_report.json")
+                  or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", p.name))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, fixtures_dir) -> dict[str, dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("fault-reference")
+    out = {}
+    for method in PLANS:
+        proc = run_cli(write_plan(tmp, fixtures_dir, method, method))
+        assert proc.returncode == 0, proc.stderr
+        out[method] = tree(tmp / method)
+    return out
+
+
+def test_every_failpoint_in_the_source_has_a_case():
+    named = set()
+    for path in (ROOT / "pacer_stream").rglob("*.py"):
+        named |= set(re.findall(r'failpoints\.hit\("([\w-]+)"\)', path.read_text()))
+    covered = {case.split(":")[0] for _, case in CASES}
+    assert named and named <= covered, f"failpoints without a case: {sorted(named - covered)}"
+    assert {method for method, _ in CASES} == set(PLANS)
+
+
+@pytest.mark.parametrize("method, failpoint", CASES)
+def test_killed_at_every_failpoint_resumes_to_identical_bytes(method, failpoint, references,
+                                                              fixtures_dir, tmp_path):
+    plan = write_plan(tmp_path, fixtures_dir, method, "out")
+    killed = run_cli(plan, failpoint=failpoint)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    assert looks_finished(tmp_path / "out") == []
+    resumed = run_cli(plan)
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(tmp_path / "out") == references[method]
