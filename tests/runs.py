@@ -22,3 +22,28 @@ def digests(folder: Path) -> dict[str, str]:
     """sha256 of every output file but the report (which records timings)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
             if p.is_file() and p.name != "pacer_report.json"}
+
+
+def random_llamas(tmp: Path, count: int, seed: int = 0, prefix: str = "m",
+                  **dims: int) -> list[Path]:
+    """``count`` random bf16 Llama checkpoints of the given dims (a one-file safetensors
+    each), in ``tmp/<prefix><k>``: models that share nothing, for budget and slicing tests."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    import make_header_only
+
+    config = {**make_header_only.LLAMA3_70B, **dims}
+    gen = torch.Generator().manual_seed(seed)
+    models = []
+    for k in range(count):
+        folder = tmp / f"{prefix}{k}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16)
+                   for name, shape in make_header_only.llama_tensors(config)}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        models.append(folder)
+    return models

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import make_fixtures
-from runs import digests, run_cli
+from runs import digests, random_llamas, run_cli
 from pacer_stream import accounting as acct
 from pacer_stream.cli import main
 from pacer_stream.inputs import ModelSet
@@ -156,23 +156,9 @@ def test_slicing_under_a_small_budget_gives_the_same_result(merged, models, tmp_
 
 def test_runs_within_a_budget_smaller_than_one_model(tmp_path):
     """Three ~450 MB bf16 models merged under a 420 MB budget (peak RSS measured)."""
-    from safetensors.torch import save_file
-
-    import make_header_only
-
-    config = {**make_header_only.LLAMA3_70B, "hidden_size": 1024, "intermediate_size": 4096,
-              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "head_dim": 128, "vocab_size": 96000}
-    gen = torch.Generator().manual_seed(0)
-    models = []
-    for k in range(3):
-        folder = tmp_path / f"m{k}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16)
-                   for name, shape in make_header_only.llama_tensors(config)}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        models.append(folder)
+    models = random_llamas(tmp_path, 3, hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                           head_dim=128, vocab_size=96000)
     one_model = (models[0] / "model.safetensors").stat().st_size
     budget = 420 * 10**6
     assert budget < one_model

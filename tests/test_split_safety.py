@@ -16,8 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import make_fixtures
-import make_header_only
-from runs import digests, run_cli
+from runs import digests, random_llamas, run_cli
 from test_split_merge import write_plan
 from pacer_stream import accounting as acct
 from pacer_stream.cli import main
@@ -177,20 +176,9 @@ def test_summary_line_after_a_resume(fixture_models, tmp_path):
 
 def wide_models(tmp: Path) -> list[Path]:
     """Three random Llama models whose embedding and head span four Gram row groups."""
-    config = {**make_header_only.LLAMA3_70B, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16, "vocab_size": 16384}
-    gen = torch.Generator().manual_seed(1)
-    models = []
-    for k in range(3):
-        folder = tmp / f"w{k}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16)
-                   for name, shape in make_header_only.llama_tensors(config)}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        models.append(folder)
-    return models
+    return random_llamas(tmp, 3, seed=1, prefix="w", hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=16384)
 
 
 def test_gram_row_groups_make_the_result_budget_independent(tmp_path):
