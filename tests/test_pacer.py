@@ -128,6 +128,7 @@ def test_experts_are_cluster_means_and_router_routes_to_them(merged, fixtures_di
     assert len(chosen) >= 2  # the router does route to different experts
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_identical_bytes(merged, tmp_path, fixtures_dir):
     reference = digests(merged)
     for failpoint in ("stats-unit:2", "unit-done:3"):
@@ -144,6 +145,7 @@ def test_merge_stays_within_its_memory_budget(merged):
     assert report["this_run"]["peak_rss_bytes"] <= BUDGET
 
 
+@pytest.mark.slow
 def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, max_param_growth=1.05)
     assert run_budgeted(plan).returncode == 0

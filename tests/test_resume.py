@@ -67,6 +67,7 @@ def assert_nothing_looks_complete(out: Path) -> None:
     assert not (out / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failpoint", ["unit-done:1", "unit-done:2", "unit-done:3",
                                        "tensor-written:4", "tensor-written:17"])
 def test_sigkill_then_resume_is_byte_identical(failpoint, reference_run, fixtures_dir, tmp_path):
@@ -87,6 +88,7 @@ def test_sigkill_then_resume_is_byte_identical(failpoint, reference_run, fixture
     assert all(u["attempt"] == 2 for n, u in report["units"].items() if n not in skipped)
 
 
+@pytest.mark.slow
 def test_repeated_kills_then_resume(reference_run, fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     for _ in range(3):
@@ -98,6 +100,7 @@ def test_repeated_kills_then_resume(reference_run, fixtures_dir, tmp_path):
     assert digests(tmp_path / "out") == reference_run
 
 
+@pytest.mark.slow
 def test_sigint_exits_cleanly_and_resumes(reference_run, fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     interrupted = run(plan, "--quiet", failpoint="unit-done:2:SIGINT")
@@ -108,6 +111,7 @@ def test_sigint_exits_cleanly_and_resumes(reference_run, fixtures_dir, tmp_path)
     assert digests(tmp_path / "out") == reference_run
 
 
+@pytest.mark.slow
 def test_write_error_mid_shard_then_resume(reference_run, fixtures_dir, tmp_path):
     """A file-size limit makes a shard write fail (EFBIG) like a full disk would."""
     plan = make_plan(tmp_path, fixtures_dir)
@@ -120,6 +124,7 @@ def test_write_error_mid_shard_then_resume(reference_run, fixtures_dir, tmp_path
     assert digests(tmp_path / "out") == reference_run
 
 
+@pytest.mark.slow
 def test_changed_plan_refuses_to_resume(fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     assert run(plan, "--quiet", failpoint="unit-done:2").returncode == -signal.SIGKILL
@@ -217,6 +222,7 @@ def small_family(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_under_a_budget_just_above_the_estimate(small_family, tmp_path):
     plan = tmp_path / "p.yaml"
     plan.write_text(f"models: [{small_family / 'a'}, {small_family / 'b'}, {small_family / 'c'}]\n"

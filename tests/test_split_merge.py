@@ -154,6 +154,7 @@ def test_slicing_under_a_small_budget_gives_the_same_result(merged, models, tmp_
     assert digests(tmp_path / "whole-e2") == digests(tmp_path / "sliced-e2")
 
 
+@pytest.mark.slow
 def test_runs_within_a_budget_smaller_than_one_model(tmp_path):
     """Three ~450 MB bf16 models merged under a 420 MB budget (peak RSS measured)."""
     models = random_llamas(tmp_path, 3, hidden_size=1024, intermediate_size=4096,
@@ -174,6 +175,7 @@ def looks_finished(folder: Path) -> list[str]:
                   or p.name.startswith("model") and p.name.endswith((".safetensors", ".json")))
 
 
+@pytest.mark.slow
 def test_killed_mid_pass_resumes_to_identical_bytes(merged, models, tmp_path):
     # 4 units a pass: variance-high 1-4, variance-low (μ) 5-8, gram 9-12, eta 13-16;
     # then the finish: η and split_merge.json written (1), μ's shards renamed (2)

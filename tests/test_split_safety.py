@@ -181,6 +181,7 @@ def wide_models(tmp: Path) -> list[Path]:
                          head_dim=16, vocab_size=16384)
 
 
+@pytest.mark.slow
 def test_gram_row_groups_make_the_result_budget_independent(tmp_path):
     models = wide_models(tmp_path)
     # ~40 KB for tensors: row slices everywhere (the Gram pass: one 4096-row group each)
