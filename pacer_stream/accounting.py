@@ -2,12 +2,18 @@
 
 The executor processes one tensor at a time (all N models' copies of it), so the
 merge working set is that of the largest tensor, not of a whole unit; a tensor
-whose working set exceeds the budget is processed in row slices. Alignment holds,
-per symmetry group, an n × n cost matrix (fp32) plus the LAP solver's workspace
-(fp64), and two operands at a time (anchor and one peer). Across the whole align
-stage it carries the residual-stream cost (d × d, fp64, summed over all blocks).
+whose working set exceeds the budget is processed in row slices. What one pass
+over a tensor holds is a :class:`Work`: bytes per element of the rows in memory,
+plus scratch that stops growing at a fixed chunk size. Alignment holds, per
+symmetry group, a cost matrix (fp32) plus the LAP solver's workspace, and two
+operands at a time (anchor and one peer). Across the whole align stage it carries
+the residual-stream cost (d × d, fp64, summed over all blocks) of every peer it
+aligns in one pass.
 
-The constants are documented so estimates can be checked against measurements.
+``usable(budget)`` is what tensors may occupy; a plan fits when every working set
+is at most that, and :func:`budget_for` turns a working set back into the
+smallest budget that holds it. The constants are documented with the
+measurements they come from (VmHWM, glibc, 2-core dev machine, N = 3 bf16 models).
 """
 
 from __future__ import annotations
@@ -15,36 +21,143 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COMPUTE_ITEMSIZE = 4  # all arithmetic in fp32
-# RSS of a Python process with torch, safetensors and numpy imported, before any tensor.
-PROCESS_BASE_BYTES = 300 * 10**6  # measured: 229 MB peak after importing pacer_stream.executor
-# Per element of a tensor being merged: N fp32 inputs and four fp32 temporaries (the
-# consensus, the mixed sum, the divisor, one product), a bool mask per input, the
-# output at its own width, and the raw bytes of the next tensor being read ahead.
-MERGE_TEMPORARIES = 4
-# A LAP on an n x n problem: the fp32 cost matrix + the fp32 negated copy lapjv solves
-# (scipy, the fallback where lapjv is missing, needs an fp64 copy on top).
-LAP_BYTES_PER_CELL = 4 + 4
+# RSS of the process during a run, before any large tensor: measured VmHWM of
+# `pacer-stream run` on the tiny fixtures (tensors of a few KB): linear 293 MB, ties
+# 296 MB, pacer 305 MB, split_merge 309 MB (277 MB right after importing the executor:
+# torch, scipy, zarr; transformers is not imported).
+PROCESS_BASE_BYTES = 320 * 10**6
+# The base is 11-27 MB above those measurements, and the runs measured had every pass's
+# constant scratch (histograms, seed blocks, fp64 chunks) at the tiny tensors' sizes: a
+# pass's scratch is counted only above this much.
+SCRATCH_IN_BASE = 8 * 10**6
 # Plan to use at most this share of the budget, leaving room for allocator
 # fragmentation, the page cache's unevictable pages and Python objects.
-HEADROOM = 0.85
+HEADROOM_PERCENT = 85
+HEADROOM = HEADROOM_PERCENT / 100
 COST_BLOCK_ELEMS = 1 << 24  # rows of a [vocab, d] tensor per alignment cost step
+DOT_CHUNK_ELEMS = 1 << 22  # elements per step of the alignment objective (align.cost)
+GRAM_CHUNK_ELEMS = 1 << 20  # elements per model cast to fp64 at once (methods.consensus)
+MASK_BLOCK_ELEMS = 1 << 20  # elements per DARE seed block (methods.sparsify)
+HIST_BYTES = 2 * (1 << 16) * 8  # TIES: two int64 radix histograms per input (methods.sparsify)
+LAP_SCRATCH_ELEMS = 1 << 22  # fp64 scratch of the LAP's dual check, per chunk (align.lap)
+
+# fp32 temporaries per element beside the N fp32 inputs while a dense method merges,
+# counted in methods.dense and checked by measurement (peak bytes per element of a
+# [32000, 512] tensor, N = 3 bf16 in and out; the formula below in brackets):
+# linear 20 [20]; dare_ties 31 sliced [36]; ties 33 sliced [36], 49 whole [48 + 4 mask].
+METHOD_TEMPORARIES = {"linear": 1, "task_arithmetic": 2, "dare_linear": 2, "ties": 5,
+                      "dare_ties": 5}
+MASK_BYTES = 2  # bool masks per element: a keep mask and its negation (TIES, DARE)
+TIES_BITS = 4  # per input and element: the int32 magnitude bits a whole-tensor TIES keeps
 
 
 def usable(budget: int) -> int:
-    """Bytes of the budget that tensors may occupy."""
-    return int(budget * HEADROOM) - PROCESS_BASE_BYTES
+    """Bytes of the budget that tensors may occupy (negative when the process alone
+    does not fit)."""
+    return budget * HEADROOM_PERCENT // 100 - PROCESS_BASE_BYTES
 
 
-def merge_bytes(numel: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4) -> int:
-    """Working set to merge ``numel`` elements from ``n_inputs`` models."""
-    per_element = (COMPUTE_ITEMSIZE * (n_inputs + MERGE_TEMPORARIES) + n_inputs + out_itemsize
-                   + n_inputs * in_itemsize)
-    return numel * per_element
+def budget_for(need: int) -> int:
+    """The smallest budget whose :func:`usable` share holds ``need`` bytes."""
+    return -(-(max(need, 0) + PROCESS_BASE_BYTES) * 100 // HEADROOM_PERCENT)
 
 
-def rows_per_slice(shape: tuple[int, ...], n_inputs: int, out_itemsize: int,
-                   available: int, in_itemsize: int = 4) -> int | None:
-    """Rows of a tensor to process at once so the merge fits in ``available`` bytes.
+@dataclass(frozen=True)
+class Work:
+    """What one pass over a tensor holds: ``per_element`` bytes for every element of the
+    rows in memory, plus ``scratch`` bytes per element for at most ``scratch_elems`` of
+    them (chunked fp64 sums, DARE seed blocks) and ``fixed`` bytes (histograms)."""
+
+    per_element: int
+    scratch: int = 0
+    scratch_elems: int = 0
+    fixed: int = 0
+    whole_extra: int = 0  # per element, only when the tensor is processed in one piece
+
+    def bytes(self, numel: int, tensor_numel: int, whole: bool) -> int:
+        """Working set for ``numel`` elements at once of a tensor of ``tensor_numel``."""
+        per = self.per_element + (self.whole_extra if whole else 0)
+        scratch = min(tensor_numel, self.scratch_elems) * self.scratch + self.fixed
+        return numel * per + max(scratch - SCRATCH_IN_BASE, 0)
+
+
+# Copies of one input's bytes beside it while it is read: the reader copies what it
+# reads once (io.reader); a re-based input (alignment) is read in runs of rows that are
+# concatenated and put in order (executor._read_rows), two copies beside the runs.
+READ_EXTRA_COPIES = 1
+ALIGNED_READ_EXTRA_COPIES = 2
+# ``align: only`` writes each peer's tensors whole: the runs, their concatenation, in order.
+ALIGNED_READ_COPIES = 1 + ALIGNED_READ_EXTRA_COPIES
+
+
+def read_per_element(n_inputs: int, in_itemsize: int, aligned: bool = False) -> int:
+    """Reading a slice: every input's raw bytes, the copies made while one of them is
+    read (:data:`READ_EXTRA_COPIES`), and the fp32 stack they become."""
+    extra = ALIGNED_READ_EXTRA_COPIES if aligned else READ_EXTRA_COPIES
+    return (n_inputs + extra) * in_itemsize + COMPUTE_ITEMSIZE * n_inputs
+
+
+def raw_bytes(numel: int, n_inputs: int, in_itemsize: int, aligned: bool = False) -> int:
+    """A tensor read whole (read ahead, or copied): every input's raw bytes and the
+    copies made while one of them is read."""
+    extra = ALIGNED_READ_EXTRA_COPIES if aligned else READ_EXTRA_COPIES
+    return numel * (n_inputs + extra) * in_itemsize
+
+
+def merge_work(method: str, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,
+               aligned: bool = False) -> Work:
+    """Merging with a dense ``method`` (methods.dense) from ``n_inputs`` models (base included)."""
+    compute = (COMPUTE_ITEMSIZE * (n_inputs + METHOD_TEMPORARIES[method]) + MASK_BYTES
+               + out_itemsize)
+    random = method.startswith("dare")  # a seed block of fp32 draws, and two partial blocks
+    magnitude = method == "ties"
+    return Work(max(read_per_element(n_inputs, in_itemsize, aligned), compute),
+                scratch=COMPUTE_ITEMSIZE + 2 if random else 0,
+                scratch_elems=MASK_BLOCK_ELEMS if random else 0,
+                fixed=n_inputs * HIST_BYTES if magnitude else 0,
+                whole_extra=n_inputs * TIES_BITS if magnitude else 0)
+
+
+def copies_work(copies: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,
+                aligned: bool = False) -> Work:
+    """A pass that holds ``copies`` fp32 values per element (Split-Merge's split_copies),
+    :data:`COPIES_TEMPORARIES` more (selected entries, their int64 positions), a mask and
+    a raw copy per copy, and the output. Measured on a [32000, 512] bf16 embedding
+    merged whole, N = 3, density 1 (every entry selected): 73 B/element against 78."""
+    compute = (COMPUTE_ITEMSIZE * (copies + COPIES_TEMPORARIES) + copies * (1 + in_itemsize)
+               + out_itemsize)
+    return Work(max(read_per_element(n_inputs, in_itemsize, aligned), compute))
+
+
+COPIES_TEMPORARIES = 5
+
+
+def expert_work(n_models: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,
+                aligned: bool = False) -> Work:
+    """Writing every expert of one upcycled MLP tensor (:func:`expert_copies` fp32 copies,
+    the base model's if there is one, and one expert's output at a time), after the read."""
+    compute = COMPUTE_ITEMSIZE * (expert_copies(n_models) + n_inputs - n_models) + out_itemsize
+    return Work(max(read_per_element(n_inputs, in_itemsize, aligned), compute))
+
+
+def expert_copies(n_models: int) -> int:
+    """fp32 copies an upcycled MLP tensor's slice holds while its experts are written:
+    the N models, the consensus, M <= N expert means, and a mean's difference to the
+    consensus with its absolute value (the router sums)."""
+    return 2 * n_models + 3
+
+
+def stats_work(n_models: int, has_base: bool, in_itemsize: int, aligned: bool = False) -> Work:
+    """PACER's statistics pass (methods.consensus.PartStats.add): the read, and per fp64
+    chunk the models' values, their mean, the centered copy's products (and τ with a base)."""
+    n_inputs = n_models + (1 if has_base else 0)
+    chunk = 8 * n_models + 16 + (8 * n_models if has_base else 0)
+    return Work(read_per_element(n_inputs, in_itemsize, aligned), scratch=chunk,
+                scratch_elems=GRAM_CHUNK_ELEMS)
+
+
+def rows_per_slice(shape: tuple[int, ...], work: Work, available: int) -> int | None:
+    """Rows of a tensor to process at once so ``work`` fits in ``available`` bytes.
 
     Returns all rows when the whole tensor fits, fewer when it must be sliced, and
     None when not even one row fits.
@@ -53,42 +166,85 @@ def rows_per_slice(shape: tuple[int, ...], n_inputs: int, out_itemsize: int,
     row_numel = 1
     for dim in shape[1:]:
         row_numel *= dim
-    per_row = merge_bytes(row_numel, n_inputs, out_itemsize, in_itemsize)
-    if per_row == 0:
+    numel = rows * row_numel
+    if work.bytes(numel, numel, whole=True) <= available:
         return rows
-    fit = available // per_row
-    return None if fit < 1 else min(rows, fit)
+    per_row = work.bytes(row_numel, numel, whole=False) - work.bytes(0, numel, whole=False)
+    fit = (available - work.bytes(0, numel, whole=False)) // max(per_row, 1)
+    if fit < 1 or rows == 1:
+        return None
+    return min(rows - 1, fit)  # sliced, even where all rows would fit as slices
 
 
-def align_group_bytes(size: int) -> int:
-    """Cost matrix + solver workspace for one assignment problem of ``size``."""
-    return size * size * LAP_BYTES_PER_CELL
+def one_row_bytes(shape: tuple[int, ...], work: Work) -> int:
+    """The smallest working set of ``work`` on this tensor: one row (all of it if one row)."""
+    shape = shape or (1,)
+    row_numel = 1
+    for dim in shape[1:]:
+        row_numel *= dim
+    numel = shape[0] * row_numel
+    return work.bytes(row_numel, numel, whole=shape[0] == 1)
 
 
-def align_unit_bytes(largest_numel: int, largest_itemsize: int, largest_group: int) -> int:
+# Per cell of an assignment problem: the fp32 cost matrix while the member tensors are
+# costed into it; then, with the tensors freed, the cost and lapjv's fp32 negated copy
+# (align.lap), or for the residual share the cost and the fp64 copy that is added to
+# the accumulator (align.stage: cost.double()).
+COST_BYTES_PER_CELL = 4
+LAP_BYTES_PER_CELL = 4 + 4
+RESIDUAL_BYTES_PER_CELL = 4 + 8
+
+
+def align_unit_bytes(largest_numel: int, largest_itemsize: int, block_numel: int,
+                     local_cells: int, residual_cells: int) -> int:
     """Aligning one unit against one peer (tensors are read when a cost needs them).
 
-    One member tensor at a time: anchor and peer widened to fp32, the peer's permuted
-    copy at its stored width, and a re-arranged fp32 copy of each where the axis has
-    several factors; next to one cost matrix and its solver copy (the largest local
-    group, or the d x d residual share).
+    Costing: the largest member tensor, anchor and peer, whole at their stored width,
+    with the reader's copy while one is read and the peer's permuted copy; of the rows
+    costed at once (``block_numel``: [vocab, d] tensors go in row blocks), anchor and
+    peer widened to fp32 and re-arranged (two fp32 copies each) with the peer's permuted
+    rows at their stored width; next to the largest cost matrix. Solving: a local group's
+    cost and solver copy, or the residual share's cost and fp64 copy. Measured on the
+    [32000, 1024] bf16 embeddings of three models: 65 + 65 MB read, a 65 MB copy and
+    4 x 67 MB of fp32 blocks at the peak.
     """
-    return (largest_numel * (4 * COMPUTE_ITEMSIZE + largest_itemsize)
-            + align_group_bytes(largest_group))
+    tensors = (largest_numel * 3 * largest_itemsize
+               + max(block_numel * (4 * COMPUTE_ITEMSIZE + largest_itemsize),
+                     min(largest_numel, DOT_CHUNK_ELEMS) * 3 * COMPUTE_ITEMSIZE))
+    costing = tensors + max(local_cells, residual_cells) * COST_BYTES_PER_CELL
+    cells = max(local_cells, residual_cells)
+    solving = (max(local_cells * LAP_BYTES_PER_CELL, residual_cells * RESIDUAL_BYTES_PER_CELL)
+               + max(min(cells, LAP_SCRATCH_ELEMS) * 8 - SCRATCH_IN_BASE, 0))
+    return max(costing, solving)
 
 
 def align_unit_need(graph, unit) -> int:
     """Working set of aligning ``unit`` against one peer (see :func:`align_unit_bytes`)."""
     infos = [graph.nodes[t].info for t in unit.tensors]
-    groups = [g.size for g in graph.groups.values() if g.unit == unit.name]
+    local = max((g.problems * g.size * g.size for g in graph.groups.values()
+                 if g.unit == unit.name), default=0)
     residual = graph.groups.get("residual")  # the global group
-    if residual is not None and any(t in unit.tensors for t, _ in residual.members):
-        groups.append(residual.size)
+    shares = residual is not None and any(t in unit.tensors for t, _ in residual.members)
     # [vocab, d] tensors are costed in row blocks (align.cost.COST_BLOCK_ELEMS)
-    sizes = [(min(i.numel, COST_BLOCK_ELEMS) if _rows_summed(graph, t) else i.numel, i.itemsize)
-             for t, i in zip(unit.tensors, infos)]
-    numel, itemsize = max(sizes, default=(0, 0))
-    return align_unit_bytes(numel, itemsize, max(groups, default=0))
+    sizes = [(i.numel, i.itemsize, min(i.numel, COST_BLOCK_ELEMS)
+              if _rows_summed(graph, t) else i.numel) for t, i in zip(unit.tensors, infos)]
+    numel, itemsize, block = max(sizes, default=(0, 0, 0))
+    return align_unit_bytes(numel, itemsize, block, local,
+                            residual.size ** 2 if shares else 0)
+
+
+def align_bytes(unit_need: int, d: int, peers: int) -> int:
+    """The align stage: one unit's working set beside ``peers`` residual accumulators.
+
+    The one function that decides how many peers one pass aligns (align.stage) and
+    what the plan says alignment needs (planner, with one peer: the minimum)."""
+    return unit_need + peers * residual_cost_bytes(d)
+
+
+def peers_that_fit(unit_need: int, d: int, budget: int) -> int:
+    """How many peers' residual accumulators fit beside one unit (0: not even one)."""
+    free = usable(budget) - unit_need
+    return max(free, 0) // max(residual_cost_bytes(d), 1)
 
 
 def _rows_summed(graph, name: str) -> bool:
@@ -135,15 +291,21 @@ class SlicePlan:
         return self.rows < self.total_rows
 
 
-def plan_tensor(shape: tuple[int, ...], n_inputs: int, out_itemsize: int, in_itemsize: int,
-                budget: int) -> SlicePlan:
+def plan_tensor(shape: tuple[int, ...], work: Work, budget: int) -> SlicePlan:
     """The one place that decides slicing, for planner and executor alike."""
     shape = shape or (1,)  # a scalar is one row of one element
-    rows = rows_per_slice(shape, n_inputs, out_itemsize, usable(budget), in_itemsize)
+    rows = rows_per_slice(shape, work, usable(budget))
     fits = rows is not None
     rows = rows or 1
     row_numel = 1
     for d in shape[1:]:
         row_numel *= d
-    return SlicePlan(rows, shape[0], merge_bytes(rows * row_numel, n_inputs, out_itemsize,
-                                                 in_itemsize), fits)
+    numel = shape[0] * row_numel
+    return SlicePlan(rows, shape[0], work.bytes(rows * row_numel, numel, rows == shape[0]), fits)
+
+
+def read_ahead_fits(current: int, numel: int, n_inputs: int, in_itemsize: int,
+                    budget: int, aligned: bool = False) -> bool:
+    """Whether the next tensor may be read while the current one (``current`` bytes of
+    working set) is merged: only into room the budget has left."""
+    return current + raw_bytes(numel, n_inputs, in_itemsize, aligned) <= usable(budget)

@@ -24,6 +24,7 @@ from .executor import MergeJob, RunOptions
 from .inputs import ModelSet
 from .io.writer import write_atomic
 from .methods.dense import MethodParams
+from .planner import make_plan, require_fit
 from .preflight import check_outside_inputs
 from .state import RunState
 
@@ -48,6 +49,7 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     state_dir = options.state_dir or output.with_name(f".{output.stem}.state")
     check_outside_inputs("--output", output, models)
     check_outside_inputs("the analysis state", state_dir, models)
+    require_fit(make_plan(config, models, options.budget, options.device))
     output.parent.mkdir(parents=True, exist_ok=True)
     params = MethodParams.resolve("dare_ties", config.models, {}, config.seed)
     job = MergeJob(config, models, params, options)

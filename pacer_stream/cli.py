@@ -60,7 +60,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) -> None:
-    """Preview memory, disk traffic and time of PLAN_FILE from the headers alone."""
+    """Preview memory, disk traffic and time of PLAN_FILE from the headers alone.
+
+    Exits with status 3 when the merge does not fit the budget (after the report)."""
     from .config import load_plan
     from .inputs import ModelSet
     from .planner import make_plan, render
@@ -72,6 +74,9 @@ def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) ->
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
         click.echo(render(report))
+    if not report.fits:  # the same verdict `run` refuses with, from the same plan
+        click.echo(f"pacer-stream: error: {report.reason}", err=True)
+        sys.exit(3)  # not 2 (a user error): the plan is valid, the budget is too small
 
 
 @main.command()

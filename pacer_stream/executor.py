@@ -161,9 +161,12 @@ MMAP_THRESHOLD = 1 << 23  # 8 MiB: larger blocks (slices) are mmapped, returned 
 def steady_allocator() -> None:
     """Fix glibc's mmap threshold at 8 MiB so freed slices leave the RSS at once.
 
-    Used by Split-Merge, whose slices are cut to fill the budget: measured peak 350 MB
-    against 376 MB with trimming alone (three 450 MB models, 420 MB budget). Dense
-    merges skip it: it cost them +14 % time (linear merge 7.1 s against 5.2-5.7 s).
+    Every run's slices are cut to fill the budget, so heap slack is budget overrun:
+    measured on three 618 MB Llamas (pacer, 978 MB budget) 942 MB peak with glibc's
+    default, 782 MB with this. Split-Merge: 350 MB against 376 MB with trimming alone
+    (three 450 MB models, 420 MB budget). Its time cost on dense merges is unsettled: an
+    earlier measurement put it at +14 %, the latest within the noise of this 2-core
+    machine (linear 6.1-10.0 s with it, 7.6-7.7 s without); the speed benchmark decides.
     """
     if LIBC is not None:
         LIBC.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops its dynamic growth
@@ -172,11 +175,10 @@ def steady_allocator() -> None:
 def return_freed_memory() -> None:
     """Give the heap's free blocks back to the OS (glibc ``malloc_trim``), once per unit.
 
-    Slices come and go in sizes above glibc's dynamic mmap threshold, after which they
-    are carved from the heap, and freed memory would stay in the RSS (measured: +120 MB
-    over a Split-Merge of three 450 MB models). Trimming at unit boundaries keeps the
-    RSS at what the accounting plans for; it costs far less than a fixed low mmap
-    threshold (+20-30 % time on dense merges, measured).
+    Blocks under the 8 MiB mmap threshold (see :func:`steady_allocator`) still come
+    from the heap, and freed ones would stay in the RSS (measured before the fixed
+    threshold: +120 MB over a Split-Merge of three 450 MB models). Trimming at unit
+    boundaries keeps the RSS at what the accounting plans for.
     """
     if LIBC is not None:
         LIBC.malloc_trim(0)
@@ -212,10 +214,10 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     if options.device == "cuda" and not torch.cuda.is_available():
         raise PacerError("--device cuda: no CUDA device is available; use --device cpu")
     models = ModelSet.from_plan(config)
+    steady_allocator()  # slices are sized to the budget: no slack for heap growth
     if method == "split_merge":
         from .split_job import SplitMergeJob
 
-        steady_allocator()  # its slices are sized to the budget: no slack for heap growth
         params = MethodParams.resolve("linear", config.models, parameters, config.seed)
         job: MergeJob = SplitMergeJob(config, models, params, options)
     else:
@@ -402,18 +404,20 @@ class MergeJob:
                      desc=f"{self.config.method} merge", disable=quiet, file=sys.stderr) as bar:
             jobs = [(u, r) for u in todo for r in self.unit_recipes[u.name]]
 
-            def read_ahead(recipe: OutRecipe | None):
-                if recipe is None or recipe.kind != "source":
+            def read_ahead(recipe: OutRecipe | None, current: OutRecipe | None):
+                if recipe is None or recipe.kind != "source" or \
+                        not self._may_read_ahead(current, recipe.source):
                     return None
                 return pool.submit(self._read_whole, recipe.source)
 
-            pending = read_ahead(jobs[0][1]) if jobs else None
+            pending = read_ahead(jobs[0][1], None) if jobs else None
             unit_start, unit_bytes = time.perf_counter(), 0
             for i, (unit, recipe) in enumerate(jobs):
                 raw = pending.result() if pending is not None else None
                 nxt = jobs[i + 1][1] if i + 1 < len(jobs) else None
-                pending = read_ahead(nxt)
+                pending = read_ahead(nxt, recipe)
                 unit_bytes += self._write_recipe(recipe, raw, writer)
+                raw = None  # freed before the next tensor is taken
                 failpoints.hit("tensor-written")
                 if nxt is None or jobs[i + 1][0] is not unit:
                     writer.sync()
@@ -487,7 +491,10 @@ class MergeJob:
                     if part is None or not node.info.is_float:
                         continue
                     stats = parts.setdefault(part, PartStats(n))
-                    for rows in self._ranges(name):
+                    work = acct.stats_work(n, self.models.base is not None,
+                                           self.models.widest_itemsize(name),
+                                           bool(self.config.align))
+                    for rows in self._ranges(name, work=work):
                         stats.add(*self._load(name, rows, check=True))
                         self.summary.read_bytes += self._nbytes(name, rows)
                 saved[unit.name] = {part: st.to_json() for part, st in parts.items()}
@@ -529,9 +536,7 @@ class MergeJob:
             sums = self.prototypes.setdefault(
                 layer, torch.zeros(m, info.shape[1], dtype=torch.float64))
         read = 0
-        # the N copies, the consensus and the M expert means are in memory together
-        copies = 2 * len(self.models.models) + 1
-        for rows in self._ranges(source, copies):
+        for rows in self._ranges(source, work=self._expert_work(source)):
             x, _ = self._load(source, rows, check=True)
             read += self._nbytes(source, rows)
             means = expert_means(x, labels, m)
@@ -736,16 +741,50 @@ class MergeJob:
 
     # -- one tensor ---------------------------------------------------------------
 
-    def _slices(self, name: str, copies: int | None = None) -> acct.SlicePlan:
-        """Row slicing of a source tensor merged from ``copies`` fp32 copies (default: the inputs)."""
+    def _slices(self, name: str, copies: int | None = None,
+                work: acct.Work | None = None) -> acct.SlicePlan:
+        """Row slicing of a source tensor for ``work`` (default: merging it with the method;
+        with ``copies``: a pass holding that many fp32 copies of each slice)."""
+        info = self.anchor.tensors[name]
+        if work is None:
+            out_itemsize = DTYPES[_out_dtype(info.dtype, self.out_dtype)][1]
+            n, aligned = len(self.inputs), bool(self.config.align)
+            width = self.models.widest_itemsize(name)
+            work = acct.copies_work(copies, n, out_itemsize, width, aligned) if copies \
+                else acct.merge_work(self.params.method.name, n, out_itemsize, width,
+                                     aligned)
+        return acct.plan_tensor(info.shape, work, self.budget)
+
+    def _ranges(self, name: str, copies: int | None = None,
+                work: acct.Work | None = None) -> list[tuple[int, int]]:
+        plan = self._slices(name, copies, work)
+        return [(r, min(r + plan.rows, plan.total_rows)) for r in range(0, plan.total_rows, plan.rows)]
+
+    def _working_set(self, recipe: OutRecipe | None) -> int:
+        """Bytes the accounting gives producing ``recipe`` (what a read-ahead must fit beside)."""
+        if recipe is None or recipe.kind not in ("source", "expert"):
+            return 0  # routers and zero tensors: a few rows
+        info = self.anchor.tensors[recipe.source]
+        if recipe.kind == "expert":
+            return self._slices(recipe.source, work=self._expert_work(recipe.source)).bytes
+        if recipe.source in self.models.graph.passthrough or not info.is_float:
+            return acct.raw_bytes(info.numel, len(self.inputs),
+                                  self.models.widest_itemsize(recipe.source),
+                                  bool(self.config.align))
+        return self._slices(recipe.source).bytes
+
+    def _expert_work(self, name: str) -> acct.Work:
         info = self.anchor.tensors[name]
         out_itemsize = DTYPES[_out_dtype(info.dtype, self.out_dtype)][1]
-        return acct.plan_tensor(info.shape, copies or len(self.inputs), out_itemsize,
-                                info.itemsize, self.budget)
+        return acct.expert_work(len(self.models.models), len(self.inputs), out_itemsize,
+                                self.models.widest_itemsize(name), bool(self.config.align))
 
-    def _ranges(self, name: str, copies: int | None = None) -> list[tuple[int, int]]:
-        plan = self._slices(name, copies)
-        return [(r, min(r + plan.rows, plan.total_rows)) for r in range(0, plan.total_rows, plan.rows)]
+    def _may_read_ahead(self, current: OutRecipe | None, name: str) -> bool:
+        """Read ``name`` while ``current`` is produced only into room the budget has left."""
+        info = self.anchor.tensors[name]
+        return acct.read_ahead_fits(self._working_set(current), info.numel, len(self.inputs),
+                                    self.models.widest_itemsize(name), self.budget,
+                                    bool(self.config.align))
 
     def _read_whole(self, name: str) -> list[torch.Tensor] | None:
         """Raw copies of a tensor from every input, if it is merged unsliced (read-ahead)."""
@@ -793,6 +832,7 @@ class MergeJob:
         if raw is not None:  # whole tensor already read ahead: split once, keep for all passes
             split = merge.split(*self._to_compute(name, raw, check=True))
             read += sum(c.numel() * c.element_size() for c in raw)
+            raw.clear()  # the caller's list too: the raw bytes are not needed past fp32
         if split is not None:
             merge.observe_whole(split[1])
         else:
@@ -809,6 +849,7 @@ class MergeJob:
             result = merged.to(DTYPES[out.dtype][0]).cpu()
             writer.write(name, result.reshape(rows[1] - rows[0], *info.shape[1:])
                          if info.shape else result.reshape(()), first_row=rows[0])
+            del merged, result  # not alive while the next slice is read
         self.summary.read_bytes += read
         return read
 

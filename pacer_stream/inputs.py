@@ -65,6 +65,11 @@ class ModelSet:
         graph = MergeGraph.build(spec, first.config, first.tensors, first.label)
         return cls(models, base_index, spec, graph)
 
+    def widest_itemsize(self, name: str) -> int:
+        """Bytes per element of tensor ``name`` in the input that stores it widest (float
+        dtypes may differ between models: the memory accounting must take the largest)."""
+        return max(index.tensors[name].itemsize for index in self.all)
+
     def file_identities(self, with_hash: bool = False) -> dict[str, dict]:
         """Every local file the merge reads (shards, configs), by '<model>/<file>'.
 

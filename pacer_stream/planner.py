@@ -41,6 +41,8 @@ class UnitPlan:
     lap_seconds: float  # one sweep, all peers, CPU
     sliced: dict[str, int] = field(default_factory=dict)  # tensor -> rows per slice
     problem: str | None = None
+    min_need_bytes: int = 0  # its smallest working set (one row per slice, one peer)
+    min_need_what: str = ""  # which stage of which tensor needs it
 
     @property
     def ram_bytes(self) -> int:
@@ -73,6 +75,8 @@ class Plan:
     fits: bool
     reason: str | None
     write_bytes_max: int
+    min_budget_bytes: int = 0  # the smallest --max-memory this plan fits in
+    min_budget_reason: str = ""  # what needs it: "<unit>: <stage and tensor or group>"
 
     @property
     def read_bytes(self) -> int:
@@ -92,6 +96,7 @@ class Plan:
             "architecture": self.architecture, "models": self.models, "device": self.device,
             "budget_bytes": self.budget_bytes, "peak_ram_bytes": self.peak_ram_bytes,
             "peak_unit": self.peak_unit, "fits": self.fits, "reason": self.reason,
+            "min_budget_bytes": self.min_budget_bytes, "min_budget_reason": self.min_budget_reason,
             "input_bytes": self.input_bytes, "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes, "write_bytes_max": self.write_bytes_max,
             "est_seconds": self.est_seconds, "groups": self.groups,
@@ -107,18 +112,18 @@ def default_budget() -> int:
 
 def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
               device: str = "cpu") -> Plan:
+    """The plan of ``config`` under ``budget``: costs, and whether (and from which budget)
+    every stage's working set fits; the run's pre-flight (:func:`require_fit`) and the
+    ``plan`` command decide "fits" from this alone."""
     budget = budget or default_budget()
     graph = models.graph
     inputs = models.all
     aligning = bool(config.align)
     n_peers = len(inputs) - 1  # every input but the anchor is aligned, a base model too
     out_dtype = OUT_DTYPES.get(config.output.dtype)
-    residual = graph.groups.get("residual")
-    carried = acct.residual_cost_bytes(residual.size) if aligning and residual else 0
 
     upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
-    units = [_unit_plan(unit, graph, inputs, len(models.models), n_peers, out_dtype, budget,
-                        carried, aligning, upcycling, config.method == "split_merge")
+    units = [_unit_plan(unit, graph, models, config, out_dtype, budget, aligning)
              for unit in graph.units]
     input_bytes = sum(u.merge_read_bytes for u in units)
     dense_out = sum(u.write_bytes for u in units)
@@ -127,7 +132,7 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
                          if part_of(graph.nodes[t].role)) if upcycling else 0
     stages = _stages(config, units, n_peers, graph, aligning, consensus_read)
     peak = max(units, key=lambda u: u.ram_bytes)
-    problems = [u for u in units if u.problem]
+    neediest = max(units, key=lambda u: u.min_need_bytes)
     write_max = sum(s.write_bytes for s in stages)
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"]:
         # every MLP block upcycled to N experts: the upper bound on output size
@@ -135,14 +140,40 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
                       for t in u.tensors if graph.nodes[t].role.startswith("mlp.")
                       and graph.nodes[t].role != "mlp.norm")
         write_max = dense_out + (len(models.models) - 1) * mlp_out
+    for u in units:  # every unit that does not fit says why
+        least = acct.budget_for(u.min_need_bytes)
+        u.problem = _too_small(u, budget, least) if budget < least else None
+    min_budget = acct.budget_for(neediest.min_need_bytes)
+    fits = budget >= min_budget
     return Plan(
         project_name=config.project_name, method=config.method, architecture=models.spec.family,
         models=[m.label for m in models.models], device=device, budget_bytes=budget,
         input_bytes=input_bytes, units=units, stages=stages, groups=_group_summary(graph),
-        peak_unit=peak.name, peak_ram_bytes=peak.ram_bytes,
-        fits=not problems and peak.ram_bytes <= budget,
-        reason=problems[0].problem if problems else None, write_bytes_max=write_max,
+        peak_unit=peak.name, peak_ram_bytes=peak.ram_bytes, fits=fits,
+        reason=None if fits else _too_small(neediest, budget, min_budget),
+        write_bytes_max=write_max, min_budget_bytes=min_budget,
+        min_budget_reason=f"{neediest.name}: {neediest.min_need_what}",
     )
+
+
+def require_fit(plan: Plan) -> None:
+    """The run's pre-flight: raise unless ``plan`` fits its budget (the ``plan`` command's
+    "fits", from the same figures)."""
+    if not plan.fits:
+        raise PacerError(plan.reason or f"--max-memory {format_size(plan.budget_bytes)} is too "
+                         f"small; needs at least {format_size(plan.min_budget_bytes)}")
+
+
+def _too_small(unit: UnitPlan, budget: int, min_budget: int) -> str:
+    """One line: what needs how much, the budget given, and the smallest that works."""
+    room = acct.usable(budget)
+    given = (f"the budget of {format_size(budget)} leaves {format_size(room)} for it"
+             if room > 0 else f"the budget of {format_size(budget)} does not cover the process "
+             f"itself (~{format_size(acct.PROCESS_BASE_BYTES)}, "
+             f"{format_size(acct.budget_for(0))} with the {100 - acct.HEADROOM_PERCENT}% headroom)")
+    mb = -(-min_budget // 10**6)
+    return (f"{unit.name}: {unit.min_need_what} needs {format_size(unit.min_need_bytes)} and "
+            f"{given}; needs at least {format_size(min_budget)}, e.g. --max-memory {mb}MB")
 
 
 def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
@@ -150,9 +181,10 @@ def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
     return info.numel * DTYPES[dtype][1]
 
 
-def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: int,
-               out_dtype: str | None, budget: int, carried: int, aligning: bool,
-               upcycling: bool, split: bool = False) -> UnitPlan:
+def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConfig,
+               out_dtype: str | None, budget: int, aligning: bool) -> UnitPlan:
+    inputs, n_models = models.all, len(models.models)
+    n_peers = len(inputs) - 1
     names = unit.tensors + unit.passthrough
     merge_read = sum(m.tensors[t].nbytes for m in inputs for t in names)
     permuted = [t for t in unit.tensors if graph.nodes[t].groups]
@@ -161,36 +193,38 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
     plan = UnitPlan(unit.name, len(names), merge_read, align_read if aligning else 0, write,
                     0, 0, 0.0, 0, 0.0)
 
-    # Merge: the largest tensor's working set, sliced by rows if it must be.
+    # Every pass over every tensor: the largest working set, sliced by rows if it must be.
     merge_peak = 0
-    for t in unit.tensors:
+    for t in names:
         info = inputs[0].tensors[t]
-        out_size = DTYPES[out_dtype or info.dtype][1]
-        # an upcycled MLP tensor holds the N copies, the consensus and the expert means
-        copies = 2 * n_models + 1 if upcycling and graph.nodes[t].role in EXPERT_ROLES \
-            else len(inputs)
-        if split:  # see split_job.split_copies
-            copies = 2 * len(inputs) + 2
-        slices = acct.plan_tensor(info.shape, copies, out_size, info.itemsize, budget)
-        if not slices.fits and plan.problem is None:
-            plan.problem = (f"{unit.name}: one row of {t} needs more than the "
-                            f"{format_size(acct.usable(budget))} the budget leaves for merging")
-        if slices.sliced:
-            plan.sliced[t] = slices.rows
-        merge_peak = max(merge_peak, slices.bytes)
+        for what, work in _tensor_works(config, graph, unit, t, info, models, out_dtype):
+            if _can_slice(config, graph, t, info):
+                need = acct.one_row_bytes(info.shape, work)
+                if config.method == "split_merge":  # its Gram pass never splits a row group
+                    need = _gram_group_bytes(info, work)
+                slices = acct.plan_tensor(info.shape, work, budget)
+            else:  # read whole
+                need = work.bytes(info.numel, info.numel, whole=True)
+                slices = acct.SlicePlan(1, 1, need, need <= acct.usable(budget))
+            if need > plan.min_need_bytes:
+                plan.min_need_bytes, plan.min_need_what = need, f"{what} {t}"
+            if slices.sliced:
+                plan.sliced[t] = min(slices.rows, plan.sliced.get(t, slices.rows))
+            merge_peak = max(merge_peak, slices.bytes)
     plan.merge_ram_bytes = acct.PROCESS_BASE_BYTES + merge_peak
     if not aligning:
         return plan
 
-    # Alignment: the accounting the align stage obeys, plus one peer's residual accumulator.
-    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + carried + acct.align_unit_need(graph, unit)
-    if plan.align_ram_bytes > acct.usable(budget) + acct.PROCESS_BASE_BYTES and plan.problem is None:
+    # Alignment: the accounting the align stage obeys, with one peer (its minimum).
+    residual = graph.groups.get(GLOBAL)
+    d = residual.size if residual is not None else 0
+    need = acct.align_bytes(acct.align_unit_need(graph, unit), d, 1)
+    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + need
+    if need > plan.min_need_bytes:
         local = [g for g in graph.groups.values() if g.unit == unit.name]
-        big = max(local, key=lambda g: g.size, default=graph.groups.get(GLOBAL))
-        plan.problem = (f"{unit.name}: aligning its {big.kind} group needs a {big.size}x{big.size} "
-                        f"cost matrix; with its largest tensor in fp32 and the residual "
-                        f"accumulator that is {format_size(plan.align_ram_bytes)}, more than the "
-                        f"budget of {format_size(budget)} allows")
+        big = max(local, key=lambda g: g.size, default=residual)
+        plan.min_need_bytes = need
+        plan.min_need_what = f"aligning its {big.kind} group ({big.size}x{big.size})"
     local = [g for g in graph.groups.values() if g.unit == unit.name]
     for g in graph.groups.values():
         for t, _axis in g.members:
@@ -199,6 +233,51 @@ def _unit_plan(unit: Unit, graph: MergeGraph, inputs, n_models: int, n_peers: in
     plan.lap_problems = n_peers * sum(g.problems for g in local)
     plan.lap_seconds = n_peers * sum(g.problems * acct.CPU.lap_coeff * g.size ** 2.5 for g in local)
     return plan
+
+
+def _gram_group_bytes(info: TensorInfo, work: acct.Work) -> int:
+    """Split-Merge's smallest slice: one fixed Gram row group (methods.split_merge)."""
+    from .methods.split_merge import gram_group_rows
+
+    shape = info.shape or (1,)
+    row_numel = info.numel // shape[0] if shape[0] else 0
+    rows = min(shape[0], gram_group_rows(row_numel))
+    return work.bytes(rows * row_numel, info.numel, whole=rows == shape[0])
+
+
+def _can_slice(config: PlanConfig, graph: MergeGraph, name: str, info: TensorInfo) -> bool:
+    """Copied tensors (non-float, passthrough) and ``align: only`` outputs are read whole."""
+    return config.align != "only" and info.is_float and name not in graph.passthrough
+
+
+def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
+                  info: TensorInfo, models: ModelSet, out_dtype: str | None
+                  ) -> list[tuple[str, acct.Work]]:
+    """Each pass the run makes over one tensor, and what it holds (see the executor)."""
+    n_inputs, n_models = len(models.all), len(models.models)
+    aligned = bool(config.align)
+    b = models.widest_itemsize(name)
+    if config.align == "only":  # each peer's tensor is read whole, re-based and written
+        return [("writing the aligned copies of", acct.Work(acct.ALIGNED_READ_COPIES * b))]
+    if not _can_slice(config, graph, name, info):  # read whole from every input, compared
+        return [("copying", acct.Work(acct.raw_bytes(1, n_inputs, b, aligned)))]
+    out_size = DTYPES[out_dtype or info.dtype][1]
+    if config.method == "split_merge":
+        from .split_job import split_copies
+
+        work = acct.copies_work(split_copies(n_inputs), n_inputs, out_size, b, aligned)
+        return [("a Split-Merge pass over", work)]
+    dense = "dare_ties" if config.method == "pacer" else config.method
+    works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned))]
+    if config.method == "pacer" and config.pacer["enable_moe_upcycle"] and unit.kind == "block":
+        role = graph.nodes[name].role
+        if part_of(role) is not None:
+            works.append(("the statistics pass over",
+                          acct.stats_work(n_models, models.base is not None, b, aligned)))
+        if role in EXPERT_ROLES:
+            works.append(("writing the experts of",
+                          acct.expert_work(n_models, n_inputs, out_size, b, aligned)))
+    return works
 
 
 def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
@@ -276,9 +355,11 @@ def render(plan: Plan) -> str:
         f"(budget {format_size(plan.budget_bytes)})",
     ]
     sliced = sum(len(u.sliced) for u in plan.units)
-    if sliced:
+    if sliced and plan.fits:
         lines.append(f"{sliced} tensors are processed in row slices to stay inside the budget")
-    lines.append("fits: yes" if plan.fits else f"fits: NO - {plan.reason or 'peak RAM exceeds the budget'}")
+    lines.append(f"smallest budget that fits: {format_size(plan.min_budget_bytes)} "
+                 f"({plan.min_budget_reason})")
+    lines.append("fits: yes" if plan.fits else f"fits: NO - {plan.reason}")
     return "\n".join(lines)
 
 

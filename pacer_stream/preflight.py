@@ -23,13 +23,7 @@ from .sizes import format_size
 def check_run(config: PlanConfig, models: ModelSet, state_dir: Path | None,
               budget: int | None, device: str) -> None:
     """Refuse a run that would lose data or fail for a reason knowable now."""
-    from .planner import make_plan
-    try:  # TEMP-SHIM until helper lands require_fit
-        from .planner import require_fit
-    except ImportError:
-        def require_fit(plan):
-            if not plan.fits:
-                raise PacerError(f"--max-memory: does not fit: {plan.reason}")
+    from .planner import make_plan, require_fit
 
     out_dir = config.output.path
     check_output_paths(out_dir, state_dir, models, config.source)

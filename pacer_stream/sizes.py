@@ -46,7 +46,11 @@ def _checked(value: float, text, what: str) -> int:
 
 
 def format_size(n: float) -> str:
-    """Human-readable decimal size: ``format_size(1.6e10) == '16.0 GB'``."""
+    """Human-readable decimal size: ``format_size(1.6e10) == '16.0 GB'``.
+
+    A size is never negative: a deficit prints as ``0 B`` (say what is short instead).
+    """
+    n = n if n > 0 else 0  # also turns -0.0 into 0
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -34,9 +34,9 @@ def _file_tensor_bytes(folder: Path) -> int:
     return total
 
 
-def _plan_json(*args: str) -> dict:
+def _plan_json(*args: str, status: int = 0) -> dict:
     result = CliRunner().invoke(main, ["plan", *args, "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == status, result.output  # 3: does not fit
     return json.loads(result.stdout)
 
 
@@ -124,9 +124,11 @@ def test_llama3_70b_plan_from_headers(llama70b, monkeypatch):
 
 
 def test_llama3_70b_too_small_budget_names_the_unit(llama70b):
-    plan = _plan_json(str(llama70b / "plan.yaml"), "--max-memory", "8GB")
+    plan = _plan_json(str(llama70b / "plan.yaml"), "--max-memory", "8GB", status=3)
     assert plan["fits"] is False
-    assert plan["reason"].startswith("block.0: aligning its mlp group needs a 28672x28672")
+    assert plan["reason"].startswith("block.0: aligning its mlp group (28672x28672) needs ")
+    assert 8e9 < plan["min_budget_bytes"] < 16e9
+    assert plan["reason"].endswith(f"--max-memory {-(-plan['min_budget_bytes'] // 10**6)}MB")
 
 
 def test_llama3_70b_plan_as_a_process(llama70b):

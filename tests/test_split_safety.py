@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 import make_fixtures
 from runs import digests, random_llamas, run_cli
 from test_split_merge import write_plan
-from pacer_stream import accounting as acct
 from pacer_stream.cli import main
 from pacer_stream.errors import PacerError
 from pacer_stream.io.writer import OutTensor, ShardWriter, plan_shards, verify_shards
@@ -183,9 +182,16 @@ def wide_models(tmp: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_gram_row_groups_make_the_result_budget_independent(tmp_path):
+    from pacer_stream.config import load_plan
+    from pacer_stream.inputs import ModelSet
+    from pacer_stream.planner import make_plan
+
     models = wide_models(tmp_path)
-    # ~40 KB for tensors: row slices everywhere (the Gram pass: one 4096-row group each)
-    tiny = int((acct.PROCESS_BASE_BYTES + 40_000) / acct.HEADROOM) + 1
+    # the smallest budget that fits: the Gram pass holds one 4096-row group at a time
+    config = load_plan(write_plan(tmp_path, models, out="probe"))
+    plan = make_plan(config, ModelSet.from_plan(config), None)
+    tiny = plan.min_budget_bytes
+    assert make_plan(config, ModelSet.from_plan(config), tiny).units[0].sliced  # it slices
     outs = []
     for name, args in (("whole", ()), ("sliced", ("--max-memory", str(tiny)))):
         proc = run_cli(write_plan(tmp_path, models, out=name), *args)

@@ -31,6 +31,7 @@ from .. import failpoints
 from ..errors import PacerError
 from ..graph import GLOBAL, MergeGraph
 from ..seeding import generator
+from ..sizes import format_size
 from .cost import inner_product
 from .matcher import KindStats, PeerStats, align_unit, count_moved, residual_cost, solve
 
@@ -235,14 +236,16 @@ class AlignStage:
 
 
 def peers_per_pass(d: int, unit_need: int, budget: int, peers: int) -> int:
-    """How many peers' residual accumulators fit beside one unit's working set."""
-    free = acct.usable(budget) - unit_need
-    each = acct.residual_cost_bytes(d)
-    fit = free // each if free > 0 else 0
+    """How many peers' residual accumulators fit beside one unit's working set.
+
+    The planner's alignment figure is :func:`.accounting.align_bytes` with one peer, so
+    a plan that fits never gets here with too small a budget."""
+    fit = acct.peers_that_fit(unit_need, d, budget)
     if fit < 1:
-        need = unit_need + each + acct.PROCESS_BASE_BYTES
-        raise PacerError(f"alignment needs about {need / acct.HEADROOM / 1e9:.2f} GB (one unit, "
-                         f"one {d}x{d} residual accumulator); raise --max-memory")
+        need = acct.budget_for(acct.align_bytes(unit_need, d, 1))
+        raise PacerError(f"alignment (one unit and one {d}x{d} residual accumulator) does not "
+                         f"fit the budget of {format_size(budget)}; needs at least "
+                         f"{format_size(need)}, e.g. --max-memory {-(-need // 10**6)}MB")
     return max(1, min(peers, fit))
 
 
