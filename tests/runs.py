@@ -47,3 +47,18 @@ def random_llamas(tmp: Path, count: int, seed: int = 0, prefix: str = "m",
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         models.append(folder)
     return models
+
+
+def plan_of(plan: Path, budget: int | None = None):
+    """What ``pacer-stream plan`` computes for a plan file (under ``budget``)."""
+    from pacer_stream.config import load_plan
+    from pacer_stream.inputs import ModelSet
+    from pacer_stream.planner import make_plan
+
+    config = load_plan(plan)
+    return make_plan(config, ModelSet.from_plan(config), budget or 10**12)
+
+
+def min_budget(plan: Path) -> int:
+    """The smallest --max-memory the plan fits in (the planner's own figure)."""
+    return plan_of(plan).min_budget_bytes

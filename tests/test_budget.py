@@ -8,11 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-import make_header_only
-from runs import run_cli
+from runs import min_budget, random_llamas, run_cli
 from pacer_stream import accounting as acct
 from pacer_stream.cli import main
 from pacer_stream.config import load_plan
@@ -34,11 +32,6 @@ def write_plan(tmp: Path, models: list[Path], method: str, out: str = "out",
     plan.write_text(f"models: [{', '.join(map(str, models))}]\nmethod: {method}\n"
                     f"output: {{path: {tmp / out}}}\n{params}{extra}")
     return plan
-
-
-def min_budget(plan: Path) -> int:
-    config = load_plan(plan)
-    return make_plan(config, ModelSet.from_plan(config), 10**12).min_budget_bytes
 
 
 @pytest.fixture
@@ -139,26 +132,12 @@ def test_run_and_plan_agree_around_the_min_budget(tiny, tmp_path):
 # -- measured: peak RSS under budgets that the working sets fill ---------------------------
 
 @pytest.fixture(scope="module")
-def random_llamas(tmp_path_factory) -> list[Path]:
+def random_models(tmp_path_factory) -> list[Path]:
     """Three random bf16 Llama models (76 MB each) that disagree everywhere: PACER
     upcycles every block. The [32000, 512] embedding and head are the large tensors."""
-    from safetensors.torch import save_file
-
-    config = {**make_header_only.LLAMA3_70B, "hidden_size": 512, "intermediate_size": 1024,
-              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "head_dim": 64, "vocab_size": 32000}
-    root = tmp_path_factory.mktemp("random-llamas")
-    gen = torch.Generator().manual_seed(0)
-    models = []
-    for k in range(3):
-        folder = root / f"m{k}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16)
-                   for name, shape in make_header_only.llama_tensors(config)}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        models.append(folder)
-    return models
+    return random_llamas(tmp_path_factory.mktemp("random-llamas"), 3, hidden_size=512,
+                         intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=64, vocab_size=32000)
 
 
 def whole_embedding_budget(method: str, n: int = 3) -> int:
@@ -172,11 +151,12 @@ def whole_embedding_budget(method: str, n: int = 3) -> int:
     return acct.budget_for(work.bytes(numel, numel, whole=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "split_merge", "pacer",
                                     "align-only"])
-def test_peak_rss_stays_under_a_budget_the_working_set_fills(random_llamas, tmp_path, method):
+def test_peak_rss_stays_under_a_budget_the_working_set_fills(random_models, tmp_path, method):
     extra = "align: only\npacer: {max_sweeps: 1}\n" if method == "align-only" else ""
-    plan = write_plan(tmp_path, random_llamas, "linear" if method == "align-only" else method,
+    plan = write_plan(tmp_path, random_models, "linear" if method == "align-only" else method,
                       extra=extra)
     least = min_budget(plan)
     # pacer and align-only: the alignment of the embedding sets the minimum, and the

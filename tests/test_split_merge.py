@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import make_fixtures
-from runs import digests, random_llamas, run_cli
-from pacer_stream import accounting as acct
+from runs import digests, min_budget, random_llamas, run_cli
 from pacer_stream.cli import main
 from pacer_stream.inputs import ModelSet
 from pacer_stream.io.sources import LocalFolder
@@ -137,10 +136,12 @@ def test_mu_is_a_loadable_checkpoint_and_memory_growth_is_reported(merged):
     assert report == {"k": info["k"], "coefficients": info["coefficients"], "memory": memory}
 
 
-def test_slicing_under_a_small_budget_gives_the_same_result(merged, models, tmp_path):
+def test_the_smallest_budget_that_fits_gives_the_same_result(merged, models, tmp_path):
+    """Every tensor here is smaller than one Gram row group, which Split-Merge never
+    splits, so this budget holds each whole (the sliced case, on wider models, is
+    test_split_safety.py::test_gram_row_groups_make_the_result_budget_independent)."""
     plan = write_plan(tmp_path, models)
-    # a budget that leaves ~40 KB for tensors forces every large tensor into row slices
-    tiny = int((acct.PROCESS_BASE_BYTES + 40_000) / acct.HEADROOM) + 1
+    tiny = min_budget(plan)
     proc = run_cli(plan, "--max-memory", str(tiny))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "pacer_report.json").read_text())
