@@ -381,6 +381,7 @@ def test_lowest_magnitude_anchor(fixtures_dir, tmp_path):
         assert torch.allclose(merged[name], 0.75 * tensor, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_pacer_method_merges_aligned_weights(fixtures_dir, tmp_path):
     base = fixtures_dir / "llama"
     plan = tmp_path / "plan.yaml"

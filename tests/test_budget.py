@@ -117,6 +117,7 @@ def test_run_refuses_an_impossible_budget_naming_the_minimum(tiny, tmp_path, met
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_run_and_plan_agree_around_the_min_budget(tiny, tmp_path):
     plan = write_plan(tmp_path, tiny, "linear")
     least = min_budget(plan)

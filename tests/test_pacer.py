@@ -229,6 +229,7 @@ def test_bad_upcycling_options_are_refused(tmp_path, fixtures_dir):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, exported", [("qwen2", "Qwen2MoeForCausalLM"),
                                               ("qwen3", "Qwen3MoeForCausalLM"),
                                               ("mistral", "Qwen2MoeForCausalLM"),

@@ -139,6 +139,7 @@ def test_changed_plan_refuses_to_resume(fixtures_dir, tmp_path):
     assert digests(tmp_path / "out") == {k: v for k, v in digests(tmp_path / "fresh").items()}
 
 
+@pytest.mark.slow
 def test_changed_plan_over_a_finished_merge_says_so_and_keeps_it(fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     assert run(plan, "--quiet").returncode == 0
@@ -150,6 +151,7 @@ def test_changed_plan_over_a_finished_merge_says_so_and_keeps_it(fixtures_dir, t
     assert digests(tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_foreign_output_folder_is_refused(fixtures_dir, tmp_path):
     plan = make_plan(tmp_path, fixtures_dir)
     (tmp_path / "out").mkdir()
@@ -168,6 +170,7 @@ def _copy_models(fixtures: Path, tmp: Path) -> Path:
     return tmp / "models"
 
 
+@pytest.mark.slow
 def test_nonfinite_inputs(fixtures_dir, tmp_path):
     models = _copy_models(fixtures_dir, tmp_path)
     index = json.loads((models / FAMILY / "ft2" / "model.safetensors.index.json").read_text())

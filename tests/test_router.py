@@ -478,6 +478,7 @@ def test_split_merge_bad_outputs(tmp_path, split_dir):
         SplitMergeModel.load(model_dir)
 
 
+@pytest.mark.slow
 def test_engine_output_specializes_to_materialized_expert(fixtures_dir, tmp_path):
     """A real `method: split_merge` output: μ + c_t·η in place == `materialize --expert`."""
     from runs import run_cli as run_plan

@@ -161,6 +161,7 @@ def test_summary_line_counts_units_and_bytes(loud):
     assert report["this_run"]["units_done"] == ["embed", "block.0", "block.1", "head"]
 
 
+@pytest.mark.slow
 def test_summary_line_after_a_resume(fixture_models, tmp_path):
     plan = write_plan(tmp_path, fixture_models)
     assert run_cli(plan, failpoint="unit-done:14").returncode == -9  # eta pass, unit 1 done
