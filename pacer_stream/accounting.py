@@ -156,6 +156,14 @@ def stats_work(n_models: int, has_base: bool, in_itemsize: int, aligned: bool = 
                 scratch_elems=GRAM_CHUNK_ELEMS)
 
 
+def row_numel(shape: tuple[int, ...]) -> int:
+    """Elements in one row (one index of the first axis); a scalar is one row of one."""
+    numel = 1
+    for dim in shape[1:]:
+        numel *= dim
+    return numel
+
+
 def rows_per_slice(shape: tuple[int, ...], work: Work, available: int) -> int | None:
     """Rows of a tensor to process at once so ``work`` fits in ``available`` bytes.
 
@@ -163,13 +171,11 @@ def rows_per_slice(shape: tuple[int, ...], work: Work, available: int) -> int | 
     None when not even one row fits.
     """
     rows = shape[0] if shape else 1
-    row_numel = 1
-    for dim in shape[1:]:
-        row_numel *= dim
-    numel = rows * row_numel
+    row = row_numel(shape)
+    numel = rows * row
     if work.bytes(numel, numel, whole=True) <= available:
         return rows
-    per_row = work.bytes(row_numel, numel, whole=False) - work.bytes(0, numel, whole=False)
+    per_row = work.bytes(row, numel, whole=False) - work.bytes(0, numel, whole=False)
     fit = (available - work.bytes(0, numel, whole=False)) // max(per_row, 1)
     if fit < 1 or rows == 1:
         return None
@@ -179,11 +185,8 @@ def rows_per_slice(shape: tuple[int, ...], work: Work, available: int) -> int | 
 def one_row_bytes(shape: tuple[int, ...], work: Work) -> int:
     """The smallest working set of ``work`` on this tensor: one row (all of it if one row)."""
     shape = shape or (1,)
-    row_numel = 1
-    for dim in shape[1:]:
-        row_numel *= dim
-    numel = shape[0] * row_numel
-    return work.bytes(row_numel, numel, whole=shape[0] == 1)
+    row = row_numel(shape)
+    return work.bytes(row, shape[0] * row, whole=shape[0] == 1)
 
 
 # Per cell of an assignment problem: the fp32 cost matrix while the member tensors are
@@ -297,11 +300,9 @@ def plan_tensor(shape: tuple[int, ...], work: Work, budget: int) -> SlicePlan:
     rows = rows_per_slice(shape, work, usable(budget))
     fits = rows is not None
     rows = rows or 1
-    row_numel = 1
-    for d in shape[1:]:
-        row_numel *= d
-    numel = shape[0] * row_numel
-    return SlicePlan(rows, shape[0], work.bytes(rows * row_numel, numel, rows == shape[0]), fits)
+    row = row_numel(shape)
+    return SlicePlan(rows, shape[0], work.bytes(rows * row, shape[0] * row, rows == shape[0]),
+                     fits)
 
 
 def read_ahead_fits(current: int, numel: int, n_inputs: int, in_itemsize: int,

@@ -27,9 +27,10 @@ class _Group(click.Group):
         except (PacerError, OSError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            message = str(exc) if isinstance(exc, PacerError) else os_error_line(exc)
-            click.echo(f"pacer-stream: error: {message}", err=True)
-            ctx.exit(2)
+            user_error = isinstance(exc, PacerError)
+            click.echo(f"pacer-stream: error: {exc if user_error else os_error_line(exc)}",
+                       err=True)
+            ctx.exit(exc.exit_code if user_error else PacerError.exit_code)
 
 
 def os_error_line(exc: OSError) -> str:

@@ -43,7 +43,7 @@ from .graph import source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
-from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic
+from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
 from .lock import LOCK_FILE, OutputLock
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge
@@ -51,7 +51,7 @@ from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, rout
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed, check_run
 from .sizes import format_size
-from .state import STATE_DIR, RunState, fingerprint, is_foreign, is_run_state
+from .state import STATE_DIR, RunState, fingerprint, is_foreign, run_state_attributes
 
 REPORT = "pacer_report.json"
 VIT_MOE = "vit_moe"  # ViT has no stock MoE class: custom modeling code in the output
@@ -274,7 +274,6 @@ class MergeJob:
         rank = {u.name: i for i, u in enumerate(self.models.graph.units)}
         unit = {r.name: self._recipe_unit(r) for r in recipes}
         self.recipes = sorted(recipes, key=lambda r: rank[unit[r.name]])  # stable: keeps order
-        self.recipe_unit = unit
         self.unit_recipes: dict[str, list[OutRecipe]] = {}
         for r in self.recipes:
             self.unit_recipes.setdefault(unit[r.name], []).append(r)
@@ -345,8 +344,9 @@ class MergeJob:
             where = "--state-dir" if self.options.state_dir else "output folder's state"
             raise PacerError(f"{where} {state_path} exists and is not a pacer-stream run state; "
                              "nothing was changed: choose a new or empty folder")
-        recorded = _recorded_output(state_path)
-        ours = recorded == str(self.out_dir) or (recorded is None and is_run_state(state_path)
+        attrs = run_state_attributes(state_path)
+        recorded = attrs.get("output") if attrs is not None else None
+        ours = recorded == str(self.out_dir) or (attrs is not None and recorded is None
                                                  and self.options.state_dir is None)
         if recorded is not None and not ours and not self.options.restart:
             raise PacerError(f"--state-dir {state_path} holds the run state of another output "
@@ -641,10 +641,7 @@ class MergeJob:
                     bar.update(1)
                 writer.close()
         for k, folder, writer, shards in outputs:
-            for shard in shards:
-                if (folder / shard.partial).exists():
-                    writer.finish(shard)
-            verify_shards(folder, shards)
+            writer.finish_all()
             writer.write_index()
             copy_side_files(folder, self.inputs[k])
             write_config(folder, self.inputs[k].config, None)
@@ -680,18 +677,11 @@ class MergeJob:
     def _read_device(self, k: int, name: str) -> torch.Tensor:
         return self.inputs[k].read(name).to(self.device)
 
-    def _finish_shards(self, writer: ShardWriter) -> None:
-        """Rename every shard into place, once all units are done (so none looks final
-        before the whole output is), and check each against its header."""
-        for shard in self.shards:
-            if (self.out_dir / shard.partial).exists():
-                writer.finish(shard)
-        verify_shards(self.out_dir, self.shards)
-
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
-        """Shards, index, side files, model card, and config.json last: a folder with a
-        config.json is a finished model."""
-        self._finish_shards(writer)
+        """Once every unit is done (so no shard looks final before the whole output is):
+        shards renamed and checked, index, side files, model card, and config.json last:
+        a folder with a config.json is a finished model."""
+        writer.finish_all()
         writer.write_index()
         config = self.anchor.config
         if isinstance(self.layout, VitMoeLayout):
@@ -916,17 +906,6 @@ def _out_dtype(in_dtype: str, out_dtype: str | None) -> str:
     from .io.header import FLOAT_DTYPES
 
     return out_dtype if (out_dtype and in_dtype in FLOAT_DTYPES) else in_dtype
-
-
-def _recorded_output(state_path: Path) -> str | None:
-    """The output folder a run state was made for (None: none recorded, or no state)."""
-    if not is_run_state(state_path):
-        return None
-    try:
-        attrs = json.loads((state_path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    return attrs.get("output")
 
 
 def _clear(folder: Path, keep: tuple[Path, ...] = ()) -> None:

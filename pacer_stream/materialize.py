@@ -22,7 +22,8 @@ from .errors import PacerError
 from .export.dense import copy_side_files, write_config
 from .io.reader import CheckpointIndex
 from .io.sources import LocalFolder
-from .io.writer import OutTensor, Shard, ShardWriter, plan_shards, verify_shards
+from .preflight import overlap
+from .io.writer import OutTensor, Shard, ShardWriter, plan_shards
 from .runtime.split_merge import Eta, load_eta, read_info, resolve_expert
 
 
@@ -62,8 +63,7 @@ def materialize(folder: Path, to: Path, expert: str | None = None,
 
 def check_target(folder: Path, to: Path) -> None:
     """``--to`` must be a new or empty folder apart from the split output."""
-    source, target = folder.resolve(), to.resolve()
-    if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+    if overlap(to.resolve(), folder.resolve()) is not None:
         raise PacerError(f"--to {to}: is, contains or lies inside the split output {folder}; "
                          "choose a folder outside it")
     if to.exists() and not to.is_dir():
@@ -86,11 +86,9 @@ def write_expert(mu: CheckpointIndex, eta: Eta, c: float, to: Path, shards: list
         for name in mu.tensors:
             writer.write(name, shifted(name, mu.read(name), eta, c))
         writer.sync()
-        for shard in shards:
-            writer.finish(shard)
+        writer.finish_all()
     finally:
         writer.close()
-    verify_shards(to, shards)
     writer.write_index()
     copy_side_files(to, mu)
     write_config(to, mu.config, None)

@@ -18,7 +18,7 @@ from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
 from .methods.consensus import part_of
-from .sizes import format_size
+from .sizes import at_least, format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
                 "mlp.down.bias")  # an expert is a whole MLP block, biases included
@@ -171,9 +171,8 @@ def _too_small(unit: UnitPlan, budget: int, min_budget: int) -> str:
              if room > 0 else f"the budget of {format_size(budget)} does not cover the process "
              f"itself (~{format_size(acct.PROCESS_BASE_BYTES)}, "
              f"{format_size(acct.budget_for(0))} with the {100 - acct.HEADROOM_PERCENT}% headroom)")
-    mb = -(-min_budget // 10**6)
     return (f"{unit.name}: {unit.min_need_what} needs {format_size(unit.min_need_bytes)} and "
-            f"{given}; needs at least {format_size(min_budget)}, e.g. --max-memory {mb}MB")
+            f"{given}; {at_least(min_budget)}")
 
 
 def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
@@ -220,12 +219,11 @@ def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConf
     d = residual.size if residual is not None else 0
     need = acct.align_bytes(acct.align_unit_need(graph, unit), d, 1)
     plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + need
+    local = [g for g in graph.groups.values() if g.unit == unit.name]
     if need > plan.min_need_bytes:
-        local = [g for g in graph.groups.values() if g.unit == unit.name]
         big = max(local, key=lambda g: g.size, default=residual)
         plan.min_need_bytes = need
         plan.min_need_what = f"aligning its {big.kind} group ({big.size}x{big.size})"
-    local = [g for g in graph.groups.values() if g.unit == unit.name]
     for g in graph.groups.values():
         for t, _axis in g.members:
             if t in unit.tensors:
@@ -240,9 +238,9 @@ def _gram_group_bytes(info: TensorInfo, work: acct.Work) -> int:
     from .methods.split_merge import gram_group_rows
 
     shape = info.shape or (1,)
-    row_numel = info.numel // shape[0] if shape[0] else 0
-    rows = min(shape[0], gram_group_rows(row_numel))
-    return work.bytes(rows * row_numel, info.numel, whole=rows == shape[0])
+    row = acct.row_numel(shape)
+    rows = min(shape[0], gram_group_rows(row))
+    return work.bytes(rows * row, info.numel, whole=rows == shape[0])
 
 
 def _can_slice(config: PlanConfig, graph: MergeGraph, name: str, info: TensorInfo) -> bool:

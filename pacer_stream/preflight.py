@@ -32,6 +32,17 @@ def check_run(config: PlanConfig, models: ModelSet, state_dir: Path | None,
     check_disk_space(out_dir, plan.write_bytes)
 
 
+def overlap(place: Path, folder: Path) -> str | None:
+    """How resolved path ``place`` meets ``folder``: "is", "lies inside", "contains" or None."""
+    if place == folder:
+        return "is"
+    if place.is_relative_to(folder):
+        return "lies inside"
+    if folder.is_relative_to(place):
+        return "contains"
+    return None
+
+
 def protected_folders(models: ModelSet) -> list[tuple[str, Path]]:
     """(label, folder) of every input: local folders, and hub models' cache folders."""
     folders = []
@@ -68,13 +79,8 @@ def check_output_paths(out_dir: Path, state_dir: Path | None, models: ModelSet,
                              "state a folder of its own (or leave --state-dir out)")
     for what, place in places:
         for label, folder in protected_folders(models):
-            if place == folder:
-                relation = "is"
-            elif place.is_relative_to(folder):
-                relation = "lies inside"
-            elif folder.is_relative_to(place):
-                relation = "contains"
-            else:
+            relation = overlap(place, folder)
+            if relation is None:
                 continue
             raise PacerError(f"{what} {place} {relation} the input model {label} ({folder}); "
                              "inputs are never written to: choose another output path")
@@ -87,7 +93,7 @@ def check_outside_inputs(what: str, path: Path, models: ModelSet) -> None:
     """A file or folder to be written must not be an input's folder or lie inside one."""
     path = Path(path).resolve()
     for label, folder in protected_folders(models):
-        if path == folder or path.is_relative_to(folder):
+        if overlap(path, folder) in ("is", "lies inside"):
             raise PacerError(f"{what} {path} lies inside the input model {label} ({folder}); "
                              "inputs are never written to: choose another path")
 

@@ -56,3 +56,8 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def at_least(budget: int) -> str:
+    """How a refusal names the smallest budget that works, as a flag one can paste."""
+    return f"needs at least {format_size(budget)}, e.g. --max-memory {-(-budget // 10**6)}MB"

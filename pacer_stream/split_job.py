@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import failpoints
+from . import accounting as acct
 from .errors import PacerError
 from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
 from .export.dense import copy_side_files, model_card, write_card, write_config
@@ -47,12 +48,8 @@ class SplitMergeJob(MergeJob):
 
     def run(self) -> RunSummary:
         start = time.perf_counter()
-        if self.models.base is not None:
-            raise PacerError("method split_merge is base-free (μ is the models' mean); remove "
-                             "base_model from the plan")
+        # the plan's checks (config.py) refuse a base model and a density outside (0, 1]
         self.density = float(self.config.parameters.get("density", 1.0))
-        if not 0 < self.density <= 1:  # also refuses nan
-            raise PacerError(f"parameters.density must be in (0, 1], got {self.density}")
         state = self._open_state()
         finished = [INFO_FILE, ETA_FILE, "config.json", *(s.file for s in self.shards)]
         if state.complete and all((self.out_dir / name).exists() for name in finished):
@@ -149,7 +146,7 @@ class SplitMergeJob(MergeJob):
         under any budget (a slice never splits a group; at least one group a slice)."""
         plan = self._slices(name, split_copies(len(self.inputs)))
         info = self.anchor.tensors[name]
-        rows = gram_slice_rows(plan.rows, plan.total_rows, _row_numel(info.shape))
+        rows = gram_slice_rows(plan.rows, plan.total_rows, acct.row_numel(info.shape))
         return [(r, min(r + rows, plan.total_rows)) for r in range(0, plan.total_rows, rows)]
 
     def _unit(self, name: str, unit, acc: "Accumulators") -> None:
@@ -164,7 +161,7 @@ class SplitMergeJob(MergeJob):
                 continue
             offset = 0
             info = graph.nodes[tensor].info
-            row_numel = _row_numel(info.shape)
+            row_numel = acct.row_numel(info.shape)
             ranges = self._gram_ranges(tensor) if name == "gram" else \
                 self._ranges(tensor, split_copies(len(self.inputs)))
             for rows in ranges:
@@ -204,11 +201,8 @@ class SplitMergeJob(MergeJob):
 
         Each step can be repeated, so a run killed in the middle resumes here.
         """
-        for shard in self.shards:
-            if (self.out_dir / shard.partial).exists():
-                writer.finish(shard)
+        writer.finish_all()
         eta_shards = self.eta_writer.shards  # laid out from the saved record
-        verify_shards(self.out_dir, self.shards)
         verify_shards(self.out_dir, eta_shards)
         failpoints.hit("split-finish")
         writer.write_index()
@@ -255,7 +249,7 @@ class SplitMergeJob(MergeJob):
         values = self.parts.eta(selected).cpu()
         if name in self.eta_dense:  # whole tensor dense: scatter this slice's values
             info = self.anchor.tensors[name]
-            row_numel = _row_numel(info.shape)
+            row_numel = acct.row_numel(info.shape)
             first = int(where[0]) // row_numel
             last = int(where[-1]) // row_numel + 1
             block = torch.zeros((last - first) * row_numel, dtype=torch.float32)
@@ -277,11 +271,8 @@ class SplitMergeJob(MergeJob):
         """η renamed into place and checked, then split_merge.json (both can be repeated)."""
         writer = self.eta_writer
         writer.sync()
-        for shard in self.eta_shard:
-            if (self.out_dir / shard.partial).exists():  # else renamed by a killed run
-                writer.finish(shard)
+        writer.finish_all()
         writer.close()
-        verify_shards(self.out_dir, self.eta_shard)
         shapes = [tuple(self.anchor.tensors[t].shape) for t in self.float_names]
         n = len(self.models.models)
         split_params = self.numel + self.k + n
@@ -304,14 +295,6 @@ class SplitMergeJob(MergeJob):
         }
         write_atomic(self.out_dir / INFO_FILE, json.dumps(info, indent=1) + "\n")
         failpoints.hit("split-finish")
-
-
-def _row_numel(shape: tuple[int, ...]) -> int:
-    """Elements in one row (first-axis index) of a tensor; a scalar is one row of one."""
-    numel = 1
-    for d in shape[1:]:
-        numel *= d
-    return numel
 
 
 def split_copies(n: int) -> int:

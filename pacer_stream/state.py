@@ -89,7 +89,8 @@ class RunState:
                                  "over with the current inputs")
             if _same_file(then, now):
                 continue
-            if "sha256" in then and then["sha256"] == _sha256(Path(now["path"])):
+            if "sha256" in then and then["sha256"] == (now.get("sha256")
+                                                        or _sha256(Path(now["path"]))):
                 continue
             what = "finished merge" if self.complete else "interrupted run"
             raise PacerError(f"{name}: input file changed since the {what} in "
@@ -116,19 +117,24 @@ class RunState:
         self.group.attrs["complete"] = True
 
 
-def is_run_state(path: Path) -> bool:
-    """Whether ``path`` holds a pacer-stream run state (a zarr group with our attributes)."""
+def run_state_attributes(path: Path) -> dict | None:
+    """The attributes of the pacer-stream run state at ``path``, or None if it holds none."""
     meta = path / "zarr.json"
     if not meta.is_file():
-        return False
+        return None
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
     if isinstance(attrs, dict) and "fingerprint" in attrs and "format" in attrs:
-        return True
+        return attrs
     # killed between creating the group and writing its attributes: still ours
-    return attrs == {} and [p.name for p in path.iterdir()] == ["zarr.json"]
+    return {} if attrs == {} and [p.name for p in path.iterdir()] == ["zarr.json"] else None
+
+
+def is_run_state(path: Path) -> bool:
+    """Whether ``path`` holds a pacer-stream run state (a zarr group with our attributes)."""
+    return run_state_attributes(path) is not None
 
 
 def is_foreign(path: Path) -> bool:

@@ -31,7 +31,7 @@ from .. import failpoints
 from ..errors import PacerError
 from ..graph import GLOBAL, MergeGraph
 from ..seeding import generator
-from ..sizes import format_size
+from ..sizes import at_least, format_size
 from .cost import inner_product
 from .matcher import KindStats, PeerStats, align_unit, count_moved, residual_cost, solve
 
@@ -244,8 +244,7 @@ def peers_per_pass(d: int, unit_need: int, budget: int, peers: int) -> int:
     if fit < 1:
         need = acct.budget_for(acct.align_bytes(unit_need, d, 1))
         raise PacerError(f"alignment (one unit and one {d}x{d} residual accumulator) does not "
-                         f"fit the budget of {format_size(budget)}; needs at least "
-                         f"{format_size(need)}, e.g. --max-memory {-(-need // 10**6)}MB")
+                         f"fit the budget of {format_size(budget)}; {at_least(need)}")
     return max(1, min(peers, fit))
 
 

@@ -175,6 +175,14 @@ class ShardWriter:
         os.replace(self.out_dir / shard.partial, self.out_dir / shard.file)
         fsync_dir(self.out_dir)
 
+    def finish_all(self) -> None:
+        """Rename every shard still under its partial name (a resumed run may have renamed
+        some already), then check them all against their headers (:func:`verify_shards`)."""
+        for shard in self.shards:
+            if (self.out_dir / shard.partial).exists():
+                self.finish(shard)
+        verify_shards(self.out_dir, self.shards)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -29,7 +29,6 @@ import torch
 from ..errors import PacerError
 from .sparsify import MagnitudeSelect, dare_keep, magnitude_bits
 
-RESCALES = ("inverse_density", "l1", "none")
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
 
 
@@ -68,7 +67,9 @@ class MethodParams:
 
     @classmethod
     def resolve(cls, method: str, models, parameters: dict, seed: int) -> "MethodParams":
-        """From a plan: per-model values win over plan-level ``parameters``."""
+        """From a plan: per-model values win over plan-level ``parameters``. Their types
+        and ranges were checked with the plan (config.py); what only the combination
+        shows is checked here."""
         if method not in METHODS:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
         mdef = METHODS[method]
@@ -76,19 +77,9 @@ class MethodParams:
         density = parameters.get("density", 1.0)
         weights = tuple(float(m.weight if m.weight is not None else weight) for m in models)
         densities = tuple(float(m.density if m.density is not None else density) for m in models)
-        for d in densities:
-            if not 0 < d <= 1:
-                raise PacerError(f"parameters: density must be in (0, 1], got {d}")
         rescale = parameters.get("rescale", mdef.rescale)
-        if rescale not in RESCALES:
-            raise PacerError(f"parameters.rescale: expected one of {', '.join(RESCALES)}, "
-                             f"got {rescale!r}")
         normalize = parameters.get("normalize", mdef.normalize)
-        if not isinstance(normalize, bool):
-            raise PacerError(f"parameters.normalize must be true or false, got {normalize!r}")
         lam = parameters.get("lambda", 1.0)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-            raise PacerError(f"parameters.lambda must be a number, got {lam!r}")
         if normalize and abs(sum(weights)) < 1e-8 and mdef.linear:
             raise PacerError("parameters: model weights sum to zero; cannot normalize")
         return cls(mdef, weights, densities, float(lam), normalize, rescale, seed)
