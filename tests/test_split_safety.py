@@ -228,47 +228,49 @@ def materialize_cli(*args: str):
     return CliRunner().invoke(main, ["materialize", *map(str, args)])
 
 
+def assert_refused(folder: Path, tmp_path: Path, *args: str, needle: str):
+    """``materialize FOLDER ARGS --to <new folder>`` exits 2 naming ``needle``, writes nothing."""
+    to = tmp_path / "x"
+    result = materialize_cli(folder, *args, "--to", to)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not to.exists()
+    return result
+
+
+def damaged_copy(split_out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(split_out, copy)
+    return copy
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_materialize_refuses_a_non_finite_coefficient(split_out, tmp_path, value):
-    to = tmp_path / "x"
-    result = materialize_cli(split_out, "--coefficient", value, "--to", to)
-    assert result.exit_code == 2, result.output
-    assert "finite" in result.output and len(result.output.strip().splitlines()) == 1
-    assert not to.exists()
+    result = assert_refused(split_out, tmp_path, "--coefficient", value, needle="finite")
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_materialize_refuses_non_finite_coefficients_in_the_info(split_out, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(split_out, copy)
+    copy = damaged_copy(split_out, tmp_path)
     info = json.loads((copy / "split_merge.json").read_text())
     info["coefficients"][0] = float("nan")
     (copy / "split_merge.json").write_text(json.dumps(info))  # json writes NaN
-    to = tmp_path / "x"
-    result = materialize_cli(copy, "--expert", "1", "--to", to)
-    assert result.exit_code == 2 and "finite" in result.output, result.output
-    assert not to.exists()
+    assert_refused(copy, tmp_path, "--expert", "1", needle="finite")
 
 
 def test_materialize_refuses_non_finite_eta(split_out, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(split_out, copy)
     from safetensors import safe_open
+
+    copy = damaged_copy(split_out, tmp_path)
     with safe_open(str(copy / "eta.safetensors"), "pt") as f:
         meta, eta = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     values = next(k for k in sorted(eta) if not k.endswith("::indices"))
     eta[values][0] = float("inf")
     save_file(eta, str(copy / "eta.safetensors"), metadata=meta)
-    to = tmp_path / "x"
-    result = materialize_cli(copy, "--expert", "0", "--to", to)
-    assert result.exit_code == 2 and "NaN or Inf" in result.output, result.output
-    assert not to.exists()
+    assert_refused(copy, tmp_path, "--expert", "0", needle="NaN or Inf")
 
 
 def test_materialize_refuses_an_overflowing_coefficient(split_out, tmp_path):
-    to = tmp_path / "x"
-    result = materialize_cli(split_out, "--coefficient", "1e300", "--to", to)
-    assert result.exit_code == 2 and "overflow" in result.output, result.output
-    assert not to.exists()
+    assert_refused(split_out, tmp_path, "--coefficient", "1e300", needle="overflow")
 
 
 def test_materialize_refuses_a_target_overlapping_the_split_output(split_out, tmp_path):
@@ -287,10 +289,7 @@ def test_materialize_refuses_a_target_overlapping_the_split_output(split_out, tm
 def test_materialize_refuses_an_unfinished_split_output(fixture_models, tmp_path):
     plan = write_plan(tmp_path, fixture_models)
     assert run_cli(plan, failpoint="split-finish:1").returncode == -9  # η and its json written
-    to = tmp_path / "x"
-    result = materialize_cli(tmp_path / "out", "--expert", "0", "--to", to)
-    assert result.exit_code == 2 and "not finished" in result.output, result.output
-    assert not to.exists()
+    assert_refused(tmp_path / "out", tmp_path, "--expert", "0", needle="not finished")
 
 
 def test_materialize_refuses_a_file_as_target(split_out, tmp_path):
