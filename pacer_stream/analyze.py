@@ -20,10 +20,10 @@ from pathlib import Path
 
 from .config import PlanConfig, parse_plan
 from .errors import PacerError
-from .executor import MergeJob, RunOptions
+from .executor import REPORT, MergeJob, RunOptions
 from .inputs import ModelSet
 from .io.writer import write_atomic
-from .methods.dense import MethodParams
+from .methods.dense import MethodParams, pacer_dense
 from .planner import make_plan, require_fit
 from .preflight import check_outside_inputs
 from .state import RunState
@@ -51,7 +51,7 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     check_outside_inputs("the analysis state", state_dir, models)
     require_fit(make_plan(config, models, options.budget, options.device))
     output.parent.mkdir(parents=True, exist_ok=True)
-    params = MethodParams.resolve("dare_ties", config.models, {}, config.seed)
+    params = MethodParams.resolve(pacer_dense(config)[0], config.models, {}, config.seed)
     job = MergeJob(config, models, params, options)
     state = RunState.open(state_dir, job._fingerprint(), restart=options.restart)
     quiet = options.quiet
@@ -60,9 +60,20 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     job._upcycle(state, quiet)
     report = {"models": [m.label for m in models.models], "family": models.spec.family,
               "align": job.align_report, **job._pacer_report()}
+    report["router"] = finished_router(config)
     write_atomic(output, json.dumps(report, indent=1, sort_keys=True) + "\n")
     report["figure"] = draw(report, output.with_suffix(".png"))
     return report
+
+
+def finished_router(config: PlanConfig) -> dict | None:
+    """The router section (kind, routing accuracy per block) of the plan's finished run:
+    routing is measured on the merged blocks, which only ``run`` writes."""
+    report = config.output.path / REPORT
+    try:
+        return (json.loads(report.read_text()).get("pacer") or {}).get("router")
+    except (OSError, ValueError):
+        return None
 
 
 def draw(report: dict, path: Path) -> str | None:

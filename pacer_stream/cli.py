@@ -100,6 +100,7 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         hash_inputs: bool, quiet: bool) -> None:
     """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption."""
     from .config import load_plan
+    from .calibration import routing_line
     from .executor import RunOptions, run_merge
 
     options = RunOptions(
@@ -121,6 +122,9 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
             click.echo(line)
         if summary.pacer_line():
             click.echo(summary.pacer_line())
+        routing = routing_line((summary.pacer or {}).get("router"))
+        if routing:
+            click.echo(routing)
         click.echo(summary.line())
 
 
@@ -156,6 +160,7 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
     INPUTS is one plan file, or with --models two or more models.
     """
     from .analyze import analyze as run_analysis, plan_for_models
+    from .calibration import routing_line
     from .config import load_plan
     from .executor import RunOptions
 
@@ -180,6 +185,9 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
     click.echo(f"would upcycle {len(d['blocks'])} block(s) to {d['num_experts']} experts "
                f"({d['mode']}); parameters x{report['parameters']['growth']:.3f}"
                + (f"; {d['note']}" if d["note"] else ""))
+    routing = routing_line(report.get("router"))
+    if routing:
+        click.echo(f"{routing} (the finished run in {config.output.path})")
     figure = report.get("figure") or "no figure (pip install 'pacer-stream[analyze]')"
     click.echo(f"wrote {output} and {figure}")
 

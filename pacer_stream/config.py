@@ -37,6 +37,12 @@ ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
 TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
             "seed", "align", "accept_config_differences")
 ROUTER_MODES = ("linear", "deviation_norm")
+ROUTERS = ("few_shot", "data_free")
+# Base-free, PACER's dense layers are the consensus mean: TIES/DARE around a pseudo-base
+# built from the same models was never better than the mean (benchmarks/quality), so
+# these pacer values, which only the base-relative dense path reads, are refused there.
+BASE_RELATIVE_PACER_KEYS = ("dropout_rate",)
+BASE_RELATIVE_PARAMETERS = ("lambda", "rescale")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
@@ -63,7 +69,7 @@ PACER_DEFAULTS: dict[str, Any] = {
     "dropout_rate": 0.1,  # DARE drop probability for the dense merge
     "anchor_strategy": "first",
     "enable_moe_upcycle": True,
-    "max_sweeps": 3,  # cap on residual-stream alignment sweeps
+    "max_sweeps": 20,  # safety cap: alignment sweeps until converged (measured: 1-2, at worst 7)
     "max_param_growth": None,  # budget mode: stop upcycling at this parameter ratio, e.g. 1.36
     "upcycle_fraction": None,  # budget mode: upcycle this fraction of the MLP blocks
     "max_experts": None,  # cap on the experts per upcycled block (default: the number of models)
@@ -71,6 +77,9 @@ PACER_DEFAULTS: dict[str, Any] = {
     "router_temperature": 1.0,
     "tome_r": 0,  # ViT-MoE outputs: tokens merged per block at inference (ToMe), 0 = off
     "router_mode": "linear",  # or "deviation_norm": R_m(x) = ||Delta_m x|| (ViT-MoE only)
+    "router": None,  # the linear gate's rows: few_shot (from router_samples) or data_free
+    "router_samples": None,  # {model: file}: sample lines (text) or images (.npy) per model
+    "router_holdout": 0.2,  # share of each model's sample lines held out to measure routing
     "align": True,
 }
 
@@ -162,6 +171,11 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     if pacer["anchor_strategy"] not in ANCHORS:
         pacer["anchor_strategy"] = _anchor_ref(pacer["anchor_strategy"], entries, base_ref,
                                                base_dir, f"{label}: pacer.anchor_strategy")
+    if method == "pacer":
+        _check_pacer_dense(given_pacer, parameters, base_ref, label)
+        pacer["router_samples"] = _router_samples(pacer["router_samples"], entries, base_dir,
+                                                  f"{label}: pacer.router_samples")
+        pacer["router"] = _router(pacer, f"{label}: pacer.router")
     if method != "pacer" and "align" in given_pacer:
         raise PacerError(f"{label}: pacer.align is read by method pacer only; for method "
                          f"{method} write align: {str(given_pacer['align']).lower()} at the top "
@@ -292,17 +306,75 @@ def _check_pacer(p: dict, where: str) -> None:
             p["max_experts"], bool) or p["max_experts"] < 2):
         raise PacerError(f"{where}.max_experts must be an integer of at least 2, got "
                          f"{p['max_experts']!r}")
-    if not 0 < _number(p["expert_distance"], f"{where}.expert_distance") <= 2:
-        raise PacerError(f"{where}.expert_distance must be in (0, 2] (a cosine distance), got "
+    if not 0 <= _number(p["expert_distance"], f"{where}.expert_distance") <= 2:
+        raise PacerError(f"{where}.expert_distance must be in [0, 2] (a cosine distance), got "
                          f"{p['expert_distance']}")
+    if not 0 <= _number(p["router_holdout"], f"{where}.router_holdout") < 1:
+        raise PacerError(f"{where}.router_holdout must be in [0, 1), got {p['router_holdout']}")
     if _number(p["router_temperature"], f"{where}.router_temperature") <= 0:
         raise PacerError(f"{where}.router_temperature must be positive, got "
                          f"{p['router_temperature']}")
 
 
+def _check_pacer_dense(given: dict, parameters: dict, base: ModelRef | None,
+                       label: str) -> None:
+    """Base-free, pacer's dense layers are the mean: DARE/TIES values would be ignored."""
+    if base is not None:
+        return
+    for key in BASE_RELATIVE_PACER_KEYS:
+        if key in given:
+            raise PacerError(f"{label}: pacer.{key} has no effect without base_model: base-free, "
+                             "PACER merges its dense layers as the models' mean; remove it or "
+                             "give base_model")
+    for key in BASE_RELATIVE_PARAMETERS:
+        if key in parameters:
+            raise PacerError(f"{label}: parameters.{key} has no effect without base_model: "
+                             "base-free, PACER merges its dense layers as the models' mean; "
+                             "remove it or give base_model")
+
+
+def _router_samples(raw: Any, entries: tuple[ModelEntry, ...], base_dir: Path,
+                    where: str) -> dict[int, Path] | None:
+    """``router_samples: {model: file}`` -> {model index: file}, one file for every model."""
+    if raw is None:
+        return None
+    raw = _mapping(raw, where)
+    samples: dict[int, Path] = {}
+    for key, file in raw.items():
+        ref = _anchor_ref(str(key), entries, None, base_dir, f"{where}: key", also=())
+        k = next(i for i, e in enumerate(entries) if e.ref is ref)
+        if not isinstance(file, str) or not file:
+            raise PacerError(f"{where}.{key}: expected the path of a file of sample lines, got "
+                             f"{file!r}")
+        path = Path(file).expanduser()
+        path = (base_dir / path if not path.is_absolute() else path).resolve()
+        if not path.is_file():
+            raise PacerError(f"{where}.{key}: sample file {path} not found")
+        samples[k] = path
+    missing = [e.ref.text for i, e in enumerate(entries) if i not in samples]
+    if missing:
+        raise PacerError(f"{where}: no sample file for {', '.join(missing)}; the few-shot router "
+                         "needs samples of every model")
+    return samples
+
+
+def _router(pacer: dict, where: str) -> str:
+    """The gate's kind: few_shot when samples are given (the default then), else data_free."""
+    router = pacer["router"]
+    if router is None:
+        return "few_shot" if pacer["router_samples"] else "data_free"
+    if router not in ROUTERS:
+        raise PacerError(f"{where}: expected one of {', '.join(ROUTERS)}, got {router!r}")
+    if router == "few_shot" and not pacer["router_samples"]:
+        raise PacerError(f"{where}: few_shot needs pacer.router_samples ({{model: file of "
+                         "sample lines}}); or use router: data_free")
+    return router
+
+
 def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,
-                base_dir: Path, where: str) -> ModelRef:
-    """``anchor_strategy`` naming a model: it must be one of the plan's inputs."""
+                base_dir: Path, where: str, also: tuple[str, ...] = ANCHORS) -> ModelRef:
+    """A plan value naming a model (``anchor_strategy``, a ``router_samples`` key): it
+    must be one of the plan's inputs; ``also`` lists the other values it could be."""
     known = [e.ref for e in entries] + ([base] if base is not None else [])
     try:
         ref = parse_ref(text, base_dir)
@@ -315,8 +387,8 @@ def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | Non
                                                                        ref.revision):
             return candidate
     names = ", ".join(e.ref.text for e in entries)
-    raise PacerError(f"{where}: {text!r} is neither {' nor '.join(ANCHORS)} nor one of the "
-                     f"models ({names})")
+    other = f"neither {' nor '.join(also)} nor" if also else "not"
+    raise PacerError(f"{where}: {text!r} is {other} one of the models ({names})")
 
 
 def _mapping(value: Any, where: str) -> dict:

@@ -12,6 +12,7 @@ skips finished units and writes the same bytes.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import math
 import re
@@ -44,18 +45,22 @@ from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
+from .calibration import (RouterCalibration, SampleSet, image_samples, pseudo_samples,
+                          text_samples, text_tokenizer, token_distributions)
 from .lock import LOCK_FILE, OutputLock
 from .methods.consensus import PartStats, model_similarity, part_of
-from .methods.dense import METHODS, MethodParams, TensorMerge
+from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed, check_run
 from .sizes import format_size
-from .state import STATE_DIR, RunState, fingerprint, is_foreign, run_state_attributes
+from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
+                    run_state_attributes)
 
 REPORT = "pacer_report.json"
 VIT_MOE = "vit_moe"  # ViT has no stock MoE class: custom modeling code in the output
 ROUTER_ROLES = ("mlp.gate", "mlp.up")  # the router prototypes come from these
+CALIBRATED_ROUTERS = ("few_shot", "data_free")  # gate rows fitted by calibration.py
 
 
 @dataclass
@@ -86,16 +91,25 @@ class RunSummary:
     pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
 
     def align_lines(self) -> list[str]:
-        """One line per aligned peer: sweeps, what moved per group kind, certificate hits."""
+        """One line per aligned peer: converged or stopped by the cap, what moved per group
+        kind, certificate hits."""
         lines = []
         for label, peer in (self.align or {}).get("peers", {}).items():
             kinds = ", ".join(f"{kind} {k['moved'] / k['slots']:.0%}" if k["slots"] else kind
                               for kind, k in sorted(peer["kinds"].items()))
             problems = sum(k["problems"] for k in peer["kinds"].values())
             certified = sum(k["certified"] for k in peer["kinds"].values())
-            lines.append(f"aligned {label}: {peer['sweeps']} sweep(s), moved {kinds}; "
+            # Stopped by the safety cap rather than converged: say it plainly, with the fix.
+            converged = peer.get("converged", True)
+            cap = peer.get("max_sweeps", peer["sweeps"])
+            status = (f"converged after {peer['sweeps']} sweep(s)" if converged else
+                      f"NOT converged after {peer['sweeps']} sweeps (cap max_sweeps = {cap})")
+            advice = "" if converged else ("; raise pacer.max_sweeps in the plan and run it "
+                                           "again with --restart")
+            lines.append(f"aligned {label}: {status}, moved {kinds}; "
                          f"{certified}/{problems} assignments certified identity; objective "
-                         f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}")
+                         f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}"
+                         + advice)
         return lines
 
     def pacer_line(self) -> str | None:
@@ -204,10 +218,7 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     """Run a dense merge described by ``config``."""
     method, parameters = config.method, config.parameters
     if method == "pacer":
-        # PACER's dense path: consensus pseudo-base (or the base), DARE drop, TIES election;
-        # the upcycled MLP blocks (if any) become experts instead
-        method = "dare_ties"
-        parameters = {"density": 1.0 - config.pacer["dropout_rate"], **parameters}
+        method, parameters = pacer_dense(config)
     if method not in METHODS and method != "split_merge":
         raise PacerError(f"method {method!r} is not available in `run` yet "
                          f"(available: pacer, split_merge, {', '.join(METHODS)})")
@@ -225,6 +236,7 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
         job = MergeJob(config, models, params, options)
     # everything knowable is checked before the output folder is created or touched
     check_run(config, models, options.state_dir, options.budget, options.device)
+    job.load_router_samples()
     job.check_output()
     with OutputLock(config.output.path):
         return job.run()
@@ -254,6 +266,9 @@ class MergeJob:
         self.stats: dict[int, dict[str, PartStats]] = {}  # layer -> part -> consensus sums
         self.decision: Decision | None = None
         self.prototypes: dict[int, torch.Tensor] = {}  # layer -> router sums, while writing it
+        self.router_kind: str | None = None  # few_shot | data_free | abs_deviation, once decided
+        self.router_report: dict | None = None
+        self.real_samples: SampleSet | None = None  # the plan's sample lines, once read
         self._set_layout(None)
         self.summary = RunSummary(self.out_dir, budget=self.budget)
         self.perms: dict[int, dict[str, torch.Tensor]] = {}  # by input index, once aligned
@@ -318,6 +333,9 @@ class MergeJob:
                       self.config.pacer["max_sweeps"]],
             "shard_size": self.shard_size,
             "pacer": self.config.pacer if self.config.method == "pacer" else None,
+            # the routers are fitted to the sample files' content: another content, another run
+            "router_samples": {str(k): hashlib.sha256(path.read_bytes()).hexdigest()
+                               for k, path in (self.config.pacer["router_samples"] or {}).items()},
             "inputs": [{"ref": m.label, "config": m.config,
                         "tensors": {n: [i.file, i.dtype, list(i.shape), i.begin, i.end]
                                     for n, i in sorted(m.tensors.items())}}
@@ -431,6 +449,8 @@ class MergeJob:
                     bar.update(1)
                     bar.set_postfix_str(f"{format_size(self.summary.read_bytes)} read")
                     unit_start, unit_bytes = time.perf_counter(), 0
+        if self.router_kind in CALIBRATED_ROUTERS:
+            self._calibrate(state, writer, quiet)
         writer.close()
         self._finish_output(state, writer)
         self.summary.peak_rss = rss.peak
@@ -447,6 +467,8 @@ class MergeJob:
             return self._write_experts(recipe, writer) if recipe.expert == 0 else 0
         dtype = DTYPES[recipe.dtype][0]
         if recipe.kind == "router":
+            if self.router_kind in CALIBRATED_ROUTERS:
+                return 0  # written by the calibration stage, once the blocks are
             sums = self.prototypes.pop(recipe.layer)
             writer.write(recipe.name, router_rows(sums, self.config.pacer["router_temperature"])
                          .to(dtype))
@@ -472,6 +494,7 @@ class MergeJob:
             state.group.attrs["decision"] = decision.to_json()
         self.decision = decision
         self._set_layout(decision)
+        self.router_kind = self._router_kind() if decision.upcycles else None
 
     def _block_stats(self, state: RunState, quiet: bool) -> dict[int, dict[str, PartStats]]:
         """Consensus sums of every block's MLP and attention, one unit at a time (resumable)."""
@@ -532,7 +555,8 @@ class MergeJob:
         names = self.expert_names[source]
         dtype = DTYPES[self.out[names[0]].dtype][0]
         sums = None
-        if self.models.graph.nodes[source].role in ROUTER_ROLES:  # router prototypes: Σ_rows |E_m − θ_c|
+        if self.router_kind == "abs_deviation" and \
+                self.models.graph.nodes[source].role in ROUTER_ROLES:  # Σ_rows |E_m − θ_c|
             sums = self.prototypes.setdefault(
                 layer, torch.zeros(m, info.shape[1], dtype=torch.float64))
         read = 0
@@ -550,6 +574,90 @@ class MergeJob:
                              first_row=rows[0])
         self.summary.read_bytes += read
         return read
+
+    # -- router calibration ---------------------------------------------------------------
+
+    def _router_kind(self) -> str:
+        """Where the gate rows come from (calibration.py): the plan's choice, or the
+        weight-only prototype router where neither calibrated router can run."""
+        pacer = self.config.pacer
+        if self.moe_type == VIT_MOE and pacer["router_mode"] != "linear":
+            return "abs_deviation"  # a per-input router: the gate rows are not used alone
+        if pacer["router"] == "few_shot":
+            return "few_shot"
+        if self._embedding_name() is None or (self.models.base is None
+                                              and len(self.models.models) < 3):
+            return "abs_deviation"  # data-free needs token embeddings and a base or N >= 3
+        return "data_free"
+
+    def _embedding_name(self) -> str | None:
+        if self.models.spec.family == "vit":
+            return None
+        return next((n for n, node in self.models.graph.nodes.items() if node.role == "embed"),
+                    None)
+
+    def _calibrate(self, state: RunState, writer: ShardWriter, quiet: bool) -> None:
+        """The calibration stage (calibration.py): every upcycled block's gate, written."""
+        from .runtime.blocks import BlockModel  # only upcycled runs need the forward pass
+
+        model = BlockModel.from_config(self._output_config())
+        routers = {r.layer: r for r in self.recipes if r.kind == "router"}
+
+        def write_router(layer: int, rows: torch.Tensor) -> torch.Tensor:
+            recipe = routers[layer]
+            data = rows.to(DTYPES[recipe.dtype][0]).reshape(recipe.shape)
+            writer.write(recipe.name, data)
+            writer.sync()
+            return data.float()
+
+        samples = self._router_samples()
+        stage = RouterCalibration(model, writer.read, write_router, samples,
+                                  self.decision.clusters, self.decision.num_experts,
+                                  self.config.pacer["router_temperature"],
+                                  PassCheckpoint(state.group.require_group("calibration")),
+                                  max(acct.usable(self.budget) // 2, 1 << 26))
+        with tqdm(total=stage.last_layer + 1, unit="block", desc="router calibration",
+                  disable=quiet, file=sys.stderr) as bar:
+            layers = stage.run(on_layer=lambda: bar.update(1))
+        self.router_report = {
+            "kind": self.router_kind, "layers": layers, "note": samples.note,
+            "sequences": {"fit": int(samples.fit.sum()), "held_out": int(samples.held_out.sum())}}
+        state.group.attrs["router_report"] = self.router_report
+
+    def load_router_samples(self) -> None:
+        """Read and tokenize the plan's sample lines, before the run touches the disk, so a
+        bad sample file is refused with nothing written."""
+        pacer = self.config.pacer
+        files, real = pacer["router_samples"] if self.upcycling else None, None
+        if files:
+            if self.models.spec.family == "vit":
+                dims = self.anchor.config
+                tokens = (dims["image_size"] // dims["patch_size"]) ** 2 + 1
+                real = image_samples(files, pacer["router_holdout"], tokens)
+            else:
+                has = self.anchor.files.has("tokenizer.json")
+                tokenize = text_tokenizer(self.anchor.files.read_text("tokenizer.json")
+                                          if has else None, self.anchor.label)
+                real = text_samples(files, tokenize, pacer["router_holdout"])
+        self.real_samples = real
+
+    def _router_samples(self) -> SampleSet:
+        """The sequences of calibration.py: the sample lines, or data-free pseudo-samples."""
+        if self.router_kind == "few_shot":
+            return self.real_samples
+        return pseudo_samples(self._token_distributions(), self.config.seed, self.real_samples)
+
+    def _token_distributions(self) -> torch.Tensor:
+        """q_k(t) of calibration.py, from the embedding tables read in row slices."""
+        name = self._embedding_name()
+        parts = []
+        base = len(self.models.models) if self.models.base is not None else None
+        for rows in self._ranges(name, copies=len(self.inputs) + 2):
+            tables = [self._read_model(k, name, rows).float() for k in range(len(self.models.models))]
+            centre = self._read_model(base, name, rows).float() if base is not None else None
+            parts.append(token_distributions(tables, centre))
+            self.summary.read_bytes += self._nbytes(name, rows)
+        return torch.cat(parts, dim=1)
 
     def _pacer_report(self) -> dict | None:
         """Per-block interference, the decision and the parameter accounting."""
@@ -577,6 +685,7 @@ class MergeJob:
             "parameters": {"source": source, "output": output, "growth": output / source,
                            "mlp_fraction": mlp_fraction, "formula": formula,
                            "router_and_zero_tensors": output - round(formula)},
+            "router": self.router_report or ({"kind": self.router_kind} if exported else None),
             "model_similarity": model_similarity([p for parts in self.stats.values()
                                                   for p in parts.values()]),
         }
@@ -683,17 +792,9 @@ class MergeJob:
         a folder with a config.json is a finished model."""
         writer.finish_all()
         writer.write_index()
-        config = self.anchor.config
+        config = self._output_config()
         if isinstance(self.layout, VitMoeLayout):
-            config = vit_moe_config(config, self.layout)
-            config.update(router_mode=self.config.pacer["router_mode"],
-                          router_temperature=self.config.pacer["router_temperature"],
-                          expert_sizes={str(layer): [labels.count(e) for e in range(
-                              self.decision.num_experts)] for layer, labels in
-                              self.decision.clusters.items()})
             write_modeling(self.out_dir)
-        elif self.layout is not None:
-            config = moe_config(config, self.layout)
         tokenizer = self.anchor
         if self.models.base is not None:
             tokenizer = self.models.base
@@ -704,6 +805,20 @@ class MergeJob:
         write_config(self.out_dir, config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in self.shards)
         self._write_report(state)
+
+    def _output_config(self) -> dict:
+        """The config.json of the output: the anchor's, or its MoE form once upcycled."""
+        config = self.anchor.config
+        if isinstance(self.layout, VitMoeLayout):
+            config = vit_moe_config(config, self.layout)
+            config.update(router_mode=self.config.pacer["router_mode"],
+                          router_temperature=self.config.pacer["router_temperature"],
+                          expert_sizes={str(layer): [labels.count(e) for e in range(
+                              self.decision.num_experts)] for layer, labels in
+                              self.decision.clusters.items()})
+        elif self.layout is not None:
+            config = moe_config(config, self.layout)
+        return config
 
     def _write_report(self, state: RunState) -> None:
         report = {

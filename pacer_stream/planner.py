@@ -18,11 +18,15 @@ from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
 from .methods.consensus import part_of
+from .methods.dense import pacer_dense
 from .sizes import at_least, format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
                 "mlp.down.bias")  # an expert is a whole MLP block, biases included
 SPLIT_PASSES = ("variance-high", "variance-low", "gram", "eta")  # see split_job
+# Alignment sweeps a plan estimates: fine-tunes of one base converge after 1, a permuted
+# copy after 2 (find, confirm); up to 7 measured only for near-random tiny models.
+ALIGN_SWEEPS_EXPECTED = 2
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -56,6 +60,7 @@ class StagePlan:
     read_bytes: int
     write_bytes: int
     seconds: dict[str, float]
+    max_passes: int | None = None  # align: the safety cap (pacer.max_sweeps); passes is typical
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Plan:
     write_bytes_max: int
     min_budget_bytes: int = 0  # the smallest --max-memory this plan fits in
     min_budget_reason: str = ""  # what needs it: "<unit>: <stage and tensor or group>"
+    router: str | None = None  # pacer: where the upcycled blocks' gate rows come from
 
     @property
     def read_bytes(self) -> int:
@@ -153,7 +159,28 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
         reason=None if fits else _too_small(neediest, budget, min_budget),
         write_bytes_max=write_max, min_budget_bytes=min_budget,
         min_budget_reason=f"{neediest.name}: {neediest.min_need_what}",
+        router=_router(config),
     )
+
+
+def _router(config: PlanConfig) -> str | None:
+    """One phrase on the routers an upcycling run would write (calibration.py)."""
+    pacer = config.pacer
+    if config.method != "pacer" or not pacer["enable_moe_upcycle"]:
+        return None
+    if pacer["router_mode"] != "linear":
+        return f"{pacer['router_mode']} (per-input, ViT-MoE code)"
+    samples = pacer["router_samples"] or {}
+    measured = (f"; routing measured on {pacer['router_holdout']:.0%} of the sample lines, "
+                "held out" if samples and pacer["router"] == "few_shot" else
+                "; routing measured on the sample lines" if samples else "")
+    source = f"fitted to the sample lines of {len(samples)} models" \
+        if pacer["router"] == "few_shot" else "data-free, from the models' embedding tables"
+    if pacer["router"] == "data_free" and config.base_model is None and len(config.models) < 3:
+        source = ("from the weights alone (prototypes of |E_m - consensus|; the data-free "
+                  "router needs a base model or three models), routes poorly: give "
+                  "pacer.router_samples")
+    return f"{pacer['router']}: gate rows {source}{measured}"
 
 
 def require_fit(plan: Plan) -> None:
@@ -265,7 +292,9 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
 
         work = acct.copies_work(split_copies(n_inputs), n_inputs, out_size, b, aligned)
         return [("a Split-Merge pass over", work)]
-    dense = "dare_ties" if config.method == "pacer" else config.method
+    dense = config.method
+    if config.method == "pacer":
+        dense = pacer_dense(config)[0]
     works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned))]
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] and unit.kind == "block":
         role = graph.nodes[name].role
@@ -285,7 +314,10 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
     elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
     stages = []
     if aligning:
-        sweeps = config.pacer["max_sweeps"]
+        # Sweeps stop when the residual permutation stops changing, which headers cannot
+        # predict: estimate the usual count, and show the cap beside it.
+        cap = config.pacer["max_sweeps"]
+        sweeps = min(cap, ALIGN_SWEEPS_EXPECTED)
         read = sum(u.align_read_bytes for u in units)
         flops = sum(u.align_flops for u in units)
         residual = graph.groups.get("residual")
@@ -294,7 +326,7 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
         seconds = {name: sweeps * (read / rate.disk_read + flops / rate.gemm_flops
                                    + lap * rate.lap_coeff / acct.CPU.lap_coeff)
                    for name, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
-        stages.append(StagePlan("align", sweeps, sweeps * read, 0, seconds))
+        stages.append(StagePlan("align", sweeps, sweeps * read, 0, seconds, max_passes=cap))
     if consensus_read:  # PACER's statistics pass over every block's MLP and attention
         seconds = {dev: consensus_read / rate.disk_read + consensus_read / 2 / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
@@ -308,6 +340,12 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
         seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write + elems / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan(name, 1, merge_read, out, seconds))
+    if config.method == "pacer" and config.pacer["enable_moe_upcycle"] \
+            and config.pacer["router_mode"] == "linear":
+        # the router calibration reads back at most the blocks up to the last upcycled one
+        seconds = {dev: write / rate.disk_read for dev, rate in (("cpu", acct.CPU),
+                                                                 ("gpu", acct.GPU))}
+        stages.append(StagePlan("calibrate", 1, write, 0, seconds))
     for s in stages:
         s.seconds = {k: round(v, 3) for k, v in s.seconds.items()}
     return stages
@@ -345,6 +383,8 @@ def render(plan: Plan) -> str:
     lines += [
         f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
         f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
+        *(_align_line(s) for s in plan.stages if s.max_passes is not None),
+        *([f"  calibrate (if a block is upcycled): router {plan.router}"] if plan.router else []),
         "",
         f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.write_bytes)}"
         + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"
@@ -359,6 +399,14 @@ def render(plan: Plan) -> str:
                  f"({plan.min_budget_reason})")
     lines.append("fits: yes" if plan.fits else f"fits: NO - {plan.reason}")
     return "\n".join(lines)
+
+
+def _align_line(stage: StagePlan) -> str:
+    """What the align row's passes mean: the usual count, not a promise, and the cap."""
+    return (f"  align sweeps until converged: {stage.passes} estimated, at most "
+            f"{stage.max_passes} (pacer.max_sweeps); per sweep "
+            f"{format_size(stage.read_bytes // stage.passes)}, "
+            f"{_duration(stage.seconds['cpu'] / stage.passes)} cpu")
 
 
 def _duration(seconds: float) -> str:

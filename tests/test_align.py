@@ -386,7 +386,7 @@ def test_pacer_method_merges_aligned_weights(fixtures_dir, tmp_path):
     base = fixtures_dir / "llama"
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"models: [{base / 'ft3'}, {base / 'perm'}]\nmethod: pacer\n"
-                    "pacer: {enable_moe_upcycle: false, dropout_rate: 0.0}\n"
+                    "pacer: {enable_moe_upcycle: false}\n"
                     f"output: {{path: {tmp_path / 'out'}}}\n")
     done = _run(plan)
     assert done.returncode == 0, done.stderr
@@ -397,7 +397,6 @@ def test_pacer_method_merges_aligned_weights(fixtures_dir, tmp_path):
     # with upcycling on, the aligned copies agree everywhere (interference ~0): nothing is
     # upcycled and the output keeps the source architecture
     plan.write_text(f"models: [{base / 'ft3'}, {base / 'perm'}]\nmethod: pacer\n"
-                    "pacer: {dropout_rate: 0.0}\n"
                     f"output: {{path: {tmp_path / 'out2'}}}\n")
     done = _run(plan)
     assert done.returncode == 0, done.stderr

@@ -138,6 +138,22 @@ class ShardWriter:
                      shard)
         self.dirty.add(shard.file)
 
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor written earlier (this run or an interrupted one), read back from its
+        shard: how a later pass (the router calibration) runs the blocks already merged."""
+        shard, info = self.where[name]
+        fd = self._fd(shard)
+        data = bytearray(info.nbytes)
+        view, offset = memoryview(data), shard.offsets[name]
+        while view:
+            got = os.preadv(fd, [view], offset)
+            if got == 0:
+                raise PacerError(f"{self.out_dir / shard.partial}: ends inside tensor {name!r}")
+            view, offset = view[got:], offset + got
+        flat = torch.frombuffer(data, dtype=DTYPES[info.dtype][0]) if data else \
+            torch.empty(0, dtype=DTYPES[info.dtype][0])
+        return flat.reshape(info.shape)
+
     def _pwrite(self, fd: int, data, offset: int, shard: Shard) -> None:
         view = memoryview(data).cast("B")
         try:

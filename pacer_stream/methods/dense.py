@@ -2,13 +2,30 @@
 
 All of them, for one tensor with N model copies X_k and weights w_k::
 
-    B     = base model, or the consensus mean(X_k) when no base is given
+    B     = base model; without one, a pseudo-base (below)
     D_k   = X_k - B                                   (task vectors)
     D_k  <- sparsify(D_k)                              (TIES: top-k magnitude;
                                                         DARE: random drop + rescale)
     W_k   = w_k * D_k                                  (weights apply before election)
-    TIES: keep W_k where sign(W_k) == sign(sum_k W_k)  (a zero sum counts as +)
+    TIES: keep W_k where sign(W_k) == s, with s the elected sign
     out   = B + lambda * sum(W_k) / (normalize ? sum of kept w_k : 1)
+
+With a base, s = sign(sum_k W_k) (a zero sum counts as +), as mergekit elects.
+
+Without a base (base-free), the first design here took B = mean(X_k) and elected by
+the sum. That is degenerate: sum_k D_k = 0 by construction, so the sign of the sum is
+a coin flip per element (for N = 2 it returned the element-wise maximum of the two
+models 80 % of the time, the minimum otherwise). Base-free, the sign-electing methods
+therefore use
+
+    B = median_k X_k  (element-wise; for N = 2 the median is the mean)
+    s = sign(sum_k sign(W_k))                         (a vote by count; 0 keeps B)
+
+The median is the location estimate a single far-moved model cannot drag: where one
+model moved an entry and the others did not, B stays at the others' value and that
+model's change survives whole. Where the votes tie (always, for N = 2: the two task
+vectors are opposite), nothing is added and the entry is B, the plain average for
+N = 2. Methods without election (task arithmetic, DARE linear) take B = mean(X_k).
 
 ``linear`` is sum(w_k X_k) / sum(w_k). Semantics follow mergekit's
 generalized task arithmetic where it has the method, with one documented
@@ -51,6 +68,16 @@ METHODS: dict[str, MethodDef] = {
     "dare_linear": MethodDef("dare_linear", "random", False, False, "inverse_density"),
     "dare_ties": MethodDef("dare_ties", "random", True, False, "inverse_density"),
 }
+
+
+def pacer_dense(config: "PlanConfig") -> tuple[str, dict]:
+    """PACER's dense path (the layers not upcycled): with a base, DARE-TIES on the task
+    vectors; base-free, the consensus mean, which no pseudo-base TIES/DARE beat on the
+    quality benchmark (benchmarks/quality; methods/dense.py on why the first base-free
+    rule was degenerate)."""
+    if config.base_model is None:
+        return "linear", dict(config.parameters)
+    return "dare_ties", {"density": 1.0 - config.pacer["dropout_rate"], **config.parameters}
 
 
 @dataclass(frozen=True)
@@ -103,6 +130,7 @@ class TensorMerge:
         self.select = [MagnitudeSelect(numel, d) for d in params.densities] \
             if m.sparsify == "magnitude" else None
         self._bits: list[torch.Tensor] | None = None
+        self.vote_by_count = False  # set by split(): base-free sign election (docstring)
         self.l1 = None
         if m.sparsify == "random" and params.rescale == "l1":
             self.l1 = torch.zeros(2, len(params.weights), dtype=torch.float64)  # before, after
@@ -118,7 +146,13 @@ class TensorMerge:
         """(anchor, task vectors): x [N, ...] fp32 is turned into x - anchor in place."""
         if self.p.method.linear:
             return torch.zeros(()), x  # linear works on the models themselves
-        anchor = base if base is not None else x.mean(0)
+        self.vote_by_count = base is None and self.p.method.consensus
+        if base is not None:
+            anchor = base
+        elif self.vote_by_count:
+            anchor = median(x)
+        else:
+            anchor = x.mean(0)
         return anchor, x.sub_(anchor)
 
     def observe_whole(self, d: torch.Tensor) -> None:
@@ -170,7 +204,10 @@ class TensorMerge:
             # Keep entries whose sign matches the weighted sum's (a zero sum counts as +;
             # zeros agree with neither side). With s = that sign, an entry agrees iff
             # s * W_k > 0, so the kept sum is s * sum_k relu(s * W_k): float ops only.
-            s = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+            if self.vote_by_count:  # base-free (module docstring)
+                s = d.sign().sum(0).sign_()
+            else:
+                s = torch.where(d.sum(0) >= 0, 1.0, -1.0)
             agreeing = d.mul_(s).clamp_min_(0)
             mixed = agreeing.sum(0).mul_(s)
             weights = torch.tensor(p.weights, dtype=d.dtype, device=d.device)
@@ -198,3 +235,21 @@ class TensorMerge:
             before, after = float(self.l1[0, k]), float(self.l1[1, k])
             return before / after if before >= L1_EPS and after >= L1_EPS else 1.0
         return 1.0
+
+
+MEDIAN_CHUNK = 1 << 16  # elements per model sorted at once: the sort's copy stays small
+
+
+def median(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise median over dim 0 of ``x`` [N, ...]; for even N the mean of the two
+    middle values (so N = 2 gives the mean), computed in column chunks."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
+    for start in range(0, flat.shape[1], MEDIAN_CHUNK):
+        part = flat[:, start:start + MEDIAN_CHUNK].sort(0).values
+        if n % 2:
+            out[start:start + MEDIAN_CHUNK] = part[n // 2]
+        else:
+            out[start:start + MEDIAN_CHUNK] = (part[n // 2 - 1] + part[n // 2]) / 2
+    return out.reshape(x.shape[1:])

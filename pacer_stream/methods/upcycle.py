@@ -5,8 +5,9 @@ The policy ranks the MLP blocks by interference (:mod:`.consensus`) and upcycles
 * threshold mode (default): every block whose interference exceeds γ
   (``interference_threshold``);
 * budget mode: the most conflicting blocks first, either the top
-  ``round(upcycle_fraction · L)`` of them or as many as keep the output's
-  parameters within ``max_param_growth`` × the source's. γ is not used then;
+  ``round(upcycle_fraction · L)`` of them, or, with ``max_param_growth``, the blocks
+  and expert count M that restore the most deviation energy within that growth
+  (:func:`restored`; fewer experts per block buy more blocks). γ is not used then;
   a block whose models are identical (interference 0) is never upcycled.
 
 Experts. In each upcycled block the N aligned MLP blocks are clustered by the
@@ -20,10 +21,14 @@ as 1 (the models agree on the direction of their differences) nothing is
 upcycled. Clusters are numbered by their lowest model index, so expert 0 always
 holds the first model.
 
-Router (zero-shot): for expert m with mean MLP E_m and consensus θ_c,
-p_m = normalize(Σ_rows |E_m − θ_c| over gate_proj and up_proj) ∈ R^d and the
-router's row m is p_m / τ (``router_temperature``); the MoE layer takes softmax
-over those logits, keeps the top-k and renormalizes. It is a plain linear gate.
+Router. The gate rows are fitted by the calibration stage (pacer_stream/calibration.py,
+methods/gate.py): to sample lines of each model (few-shot) or to pseudo-samples drawn
+from the models' embedding tables (data-free). Where neither can run (a ViT without
+samples, two models without a base, the ViT-MoE's per-input router) the fallback is the
+first, weight-only prototype router: for expert m with mean MLP E_m and consensus θ_c,
+p_m = normalize(Σ_rows |E_m − θ_c| over gate_proj and up_proj) ∈ R^d, row m = p_m / τ.
+It hardly routes (p_m is a positive vector, so x·p_m barely depends on what x is
+about); the report names the router used.
 """
 
 from __future__ import annotations
@@ -134,16 +139,12 @@ def decide(mlp: dict[int, PartStats], policy: UpcyclePolicy,
     elif policy.mode == "upcycle_fraction":
         chosen = conflicting[:round(policy.upcycle_fraction * len(mlp))]
     else:
-        chosen = []
-        for layer in conflicting:  # growth only rises with more blocks, so stop at the cap
-            trial = chosen + [layer]
-            if growth_of(sorted(trial), _experts(trial, mlp, policy)) > policy.max_param_growth:
-                break
-            chosen = trial
+        chosen, m = _best_within_budget(conflicting, mlp, policy, growth_of)
     if not chosen:
         decision.note = f"no MLP block selected ({policy.mode})"
         return decision
-    m = _experts(chosen, mlp, policy)
+    if policy.mode != "max_param_growth":
+        m = _experts(chosen, mlp, policy)
     if m < 2:
         decision.note = ("the selected blocks' models fall into one cluster at expert_distance "
                          f"{policy.expert_distance}; merged dense")
@@ -154,6 +155,46 @@ def decide(mlp: dict[int, PartStats], policy: UpcyclePolicy,
     decision.clusters = {layer: cluster(mlp[layer].deviation_cosines(), count=m)
                          for layer in decision.blocks}
     return decision
+
+
+def restored(stats: PartStats, m: int) -> float:
+    """The share of a block's weight energy that M cluster-mean experts keep apart.
+
+    The consensus loses the deviations Δ_k entirely; experts that are cluster means
+    restore their between-cluster part, Σ_c ‖Σ_{k∈c} Δ_k‖² / |c| (from the centred Gram
+    matrix). Over the block's mean squared weight norm this is I² × the restored share
+    of the deviation energy: I² itself when every model is its own expert (M = N).
+    """
+    labels = cluster(stats.deviation_cosines(), count=m)
+    g = stats.centered_gram
+    between = 0.0
+    for c in set(labels):
+        members = [k for k, label in enumerate(labels) if label == c]
+        between += sum(g[i][j] for i in members for j in members) / len(members)
+    total = stats.n * stats.consensus_sq + sum(g[k][k] for k in range(stats.n))
+    return max(between, 0.0) / total if total > 0 else 0.0
+
+
+def _best_within_budget(ranking: list[int], mlp: dict[int, PartStats], policy: UpcyclePolicy,
+                        growth_of: Callable[[list[int], int], float]) -> tuple[list[int], int]:
+    """Budget mode: the blocks and expert count M that restore the most (:func:`restored`)
+    within ``max_param_growth``. For each M from the natural count down to 2, take the most
+    conflicting blocks while the output fits; keep the M whose blocks restore the most
+    (ties: the cheaper one). Fewer experts per block buy more blocks, and the other way
+    round: a budget too small for one block at M = N still buys one at a smaller M."""
+    if not ranking:
+        return [], 1
+    best: tuple[float, list[int], int] = (0.0, [], 1)
+    for m in range(_experts(ranking, mlp, policy), 1, -1):
+        chosen: list[int] = []
+        for layer in ranking:  # growth only rises with more blocks, so stop at the cap
+            if growth_of(sorted(chosen + [layer]), m) > policy.max_param_growth:
+                break
+            chosen.append(layer)
+        score = sum(restored(mlp[b], m) for b in chosen)
+        if chosen and score > best[0] * (1 + 1e-9):
+            best = (score, chosen, m)
+    return best[1], best[2]
 
 
 def _experts(blocks: list[int], mlp: dict[int, PartStats], policy: UpcyclePolicy) -> int:
