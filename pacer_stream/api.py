@@ -41,25 +41,28 @@ class PACERMerger:
 
     def merge(self, output_path: str | Path = "./merged_model", *,
               interference_threshold: float = 0.35, top_k_experts: int = 2,
-              dropout_rate: float = 0.1, anchor_strategy: str = "first",
+              dropout_rate: float | None = None, anchor_strategy: str = "first",
               enable_moe_upcycle: bool = True, shard_size: str = "5GB",
               **pacer_options: Any) -> dict:
         """Run the merge; returns a summary (output, export format, upcycled blocks, sizes).
 
         Further ``pacer_options`` are the plan's ``pacer`` keys, e.g.
-        ``max_param_growth=1.36`` or ``max_experts=2``.
+        ``max_param_growth=1.36`` or ``max_experts=2``. ``dropout_rate`` (PacerKit's 0.1
+        when a base model is given) is DARE's drop rate on the task vectors; without a
+        base model the dense layers are the models' mean and it must stay None.
         """
         raw = {
             "project_name": self.project_name, "models": self.models, "method": "pacer",
             "seed": self.seed,
             "output": {"path": str(output_path), "shard_size": shard_size},
             "pacer": {"interference_threshold": interference_threshold,
-                      "top_k_experts": top_k_experts, "dropout_rate": dropout_rate,
-                      "anchor_strategy": anchor_strategy,
+                      "top_k_experts": top_k_experts, "anchor_strategy": anchor_strategy,
                       "enable_moe_upcycle": enable_moe_upcycle, **pacer_options},
         }
         if self.base_model is not None:
             raw["base_model"] = self.base_model
+        if dropout_rate is not None:
+            raw["pacer"]["dropout_rate"] = dropout_rate
         config = parse_plan(raw, base_dir=Path.cwd(), label="PACERMerger")
         summary = run_merge(config, self.options)
         return summarize(summary.out_dir)

@@ -494,7 +494,7 @@ class MergeJob:
             state.group.attrs["decision"] = decision.to_json()
         self.decision = decision
         self._set_layout(decision)
-        self.router_kind = self._router_kind() if decision.upcycles else None
+        self.router_kind = self._router_kind() if self.layout is not None else None
 
     def _block_stats(self, state: RunState, quiet: bool) -> dict[int, dict[str, PartStats]]:
         """Consensus sums of every block's MLP and attention, one unit at a time (resumable)."""

@@ -105,7 +105,7 @@ class Plan:
             "min_budget_bytes": self.min_budget_bytes, "min_budget_reason": self.min_budget_reason,
             "input_bytes": self.input_bytes, "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes, "write_bytes_max": self.write_bytes_max,
-            "est_seconds": self.est_seconds, "groups": self.groups,
+            "est_seconds": self.est_seconds, "groups": self.groups, "router": self.router,
             "stages": [asdict(s) for s in self.stages],
             "units": [{**asdict(u), "ram_bytes": u.ram_bytes} for u in self.units],
         }

@@ -221,7 +221,7 @@ def test_analyze_refuses_bad_arguments(tmp_path, fixtures_dir):
 def test_bad_upcycling_options_are_refused(tmp_path, fixtures_dir):
     for options, words in (({"max_experts": 1}, "max_experts"),
                            ({"upcycle_fraction": 1.5}, "upcycle_fraction"),
-                           ({"expert_distance": 0}, "expert_distance"),
+                           ({"expert_distance": -0.1}, "expert_distance"),
                            ({"upcycle_fraction": 0.5, "max_param_growth": 1.3}, "not both")):
         plan = write_plan(tmp_path, fixtures_dir, **options)
         result = CliRunner().invoke(main, ["run", str(plan)])

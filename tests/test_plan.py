@@ -50,7 +50,10 @@ def test_tiny_smoke_plan_json(fixtures_dir):
     expected = sum(_file_tensor_bytes(f) for f in folders)
     assert plan["input_bytes"] == expected
     stages = {s["name"]: s for s in plan["stages"]}
-    assert list(stages) == ["align", "consensus", "merge"]  # a full PACER merge
+    # a full PACER merge; the router calibration reads back at most the dense output
+    assert list(stages) == ["align", "consensus", "merge", "calibrate"]
+    assert stages["calibrate"]["read_bytes"] == plan["write_bytes"]
+    assert plan["router"].startswith("data_free")
     assert stages["merge"]["read_bytes"] == expected
     # the statistics pass reads the blocks' MLP and attention weights, not embeddings or norms
     assert 0.5 * expected < stages["consensus"]["read_bytes"] < expected
@@ -76,7 +79,8 @@ def test_pacer_plan_counts_alignment_sweeps(fixtures_dir, tmp_path):
     # every llama tensor carries a permuted axis, so each sweep reads all of them
     assert stages["align"]["read_bytes"] == 2 * expected and stages["align"]["passes"] == 2
     assert stages["merge"]["read_bytes"] == expected
-    assert plan["read_bytes"] == 3 * expected + stages["consensus"]["read_bytes"]
+    assert plan["read_bytes"] == 3 * expected + stages["consensus"]["read_bytes"] + \
+        stages["calibrate"]["read_bytes"]
 
 
 def test_plan_human_report(fixtures_dir):

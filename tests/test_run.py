@@ -62,7 +62,15 @@ def reference(method: str, xs: list[torch.Tensor], base: torch.Tensor | None, na
     x = torch.stack([t.float() for t in xs])
     if method == "linear":
         return (w * x).sum(0) / w.sum()
-    b = base.float() if base is not None else x.mean(0)
+    elects = method in ("ties", "dare_ties")
+    if base is not None:
+        b = base.float()
+    elif elects:  # base-free election: the element-wise median is the pseudo-base
+        ranked = x.sort(0).values
+        n = len(xs)
+        b = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
+    else:
+        b = x.mean(0)
     d = x - b
     if method == "ties":
         d = torch.stack([dk * topk_mask(dk, density) for dk in d])
@@ -73,7 +81,10 @@ def reference(method: str, xs: list[torch.Tensor], base: torch.Tensor | None, na
         d = torch.stack([dk * m / density for dk, m in zip(d, masks)])
     wd = w * d
     if method in ("ties", "dare_ties"):
-        majority = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
+        if base is not None:  # mergekit: the sign of the sum, a zero sum counts as +
+            majority = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
+        else:  # base-free: a vote by count; a tie keeps the pseudo-base
+            majority = torch.sign(torch.sign(wd).sum(0))
         keep = torch.sign(wd) == majority
         mixed = (wd * keep).sum(0)
         divisor = (w * keep).sum(0)
