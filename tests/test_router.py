@@ -146,6 +146,30 @@ def test_held_out_texts_route_to_their_topic(bank):
     assert accuracy >= 0.9
 
 
+def test_default_temperature_decides_when_scores_separate():
+    """τ = 0.08 / N: one expert clearly ahead when the scores separate, a mixture when
+    they do not; τ = 1 (the old default) was nearly uniform either way."""
+    assert router_mod.default_temperature(3) == pytest.approx(0.08 / 3)
+    separated, close = torch.tensor([0.45, 0.20, 0.15]), torch.tensor([0.40, 0.39, 0.38])
+    assert route_weights(separated).max() > 0.9
+    assert route_weights(close).max() < 0.45  # uniform is 0.33
+    assert route_weights(separated, 1.0).max() < 0.36
+    # the same decisiveness with more experts: τ scales as 1 / N
+    many = torch.tensor([0.45, 0.20, 0.15, 0.15, 0.10, 0.12, 0.18])
+    assert route_weights(many).max() > 0.9
+    assert route_weights(torch.full((7,), 0.3)).tolist() == pytest.approx([1 / 7] * 7)
+
+
+def test_default_temperature_on_real_texts(bank):
+    """The held-out texts of three topics (cosine gaps ~0.05-0.3): decisive by default."""
+    assert bank.temperature == pytest.approx(0.08 / 3)
+    texts = [t for ts in HELD_OUT.values() for t in ts]
+    top = sorted(max(w.values()) for w in bank.weights_many(texts))
+    old = sorted(max(w.values()) for w in bank.weights_many(texts, temperature=1.0))
+    print(f"median top weight: default {top[len(top) // 2]:.3f}, tau=1 {old[len(old) // 2]:.3f}")
+    assert top[len(top) // 2] > 0.75 and old[-1] < 0.4
+
+
 def test_temperature_sharpens(bank):
     text = "Bake the cake with butter and flour."
     by_tau = {tau: bank.weights(text, temperature=tau) for tau in (0.1, 1.0, 10.0)}
@@ -199,6 +223,7 @@ def test_bank_save_load_roundtrip(bank, tmp_path):
         assert again.samples[name].shape == (len(SAMPLES[name]), 384)
     info = json.loads((tmp_path / "r" / "router.json").read_text())
     assert info["experts"] == list(SAMPLES) and info["dim"] == 384
+    assert info["temperature"] == again.temperature == bank.temperature == 0.08 / 3
     text = "The rocket reached orbit around the Moon."
     again.embedder = bank.embedder  # skip a second model load; the recorded path is checked above
     assert again.weights(text, 0.5) == bank.weights(text, 0.5)

@@ -5,7 +5,12 @@ the unit's local groups given the current residual permutation
 (:func:`.matcher.align_unit`), then add the unit's share of the residual-stream
 cost to that peer's d × d accumulator (fp64). At the end of the sweep each
 peer's residual assignment is solved; sweeps repeat until no peer's residual
-permutation changes, or ``max_sweeps``.
+permutation changes (converged). ``max_sweeps`` is a safety net against a
+descent that cycles, not the usual stop: fine-tunes of one base converge after
+1 sweep, a permuted copy after 2, and the hardest tiny cases measured (a
+permuted copy plus noise as large as the weights) after up to 7. A peer
+stopped by the cap is recorded as ``converged: false`` with the cap beside it,
+so the CLI can say so.
 
 Peers are aligned in chunks sized so their accumulators fit the memory budget,
 so N peers never need N accumulators in RAM. Progress is checkpointed into the
@@ -203,6 +208,7 @@ class AlignStage:
         count_moved(self.graph, groups, count_stats)
         _store_kinds(record, count_stats)
         record["objective_after"] = (record["objective_by_sweep"] or [record["objective_before"]])[-1]
+        record["max_sweeps"] = self.max_sweeps  # beside "converged": false, the cap that stopped it
         self._put(f"final/p{p}", self._pack(groups))
         self.store.attrs[f"final/p{p}"] = record
 
@@ -210,7 +216,8 @@ class AlignStage:
         return self._unpack(self.store[f"final/p{p}"][...])
 
     def report(self) -> dict:
-        """Per peer: sweeps, objective before/after, per group kind what moved and solving cost."""
+        """Per peer: sweeps, whether it converged (and the cap), objective before/after, per
+        group kind what moved and solving cost."""
         out = {}
         for p in self.peers:
             record = dict(self.store.attrs.get(f"final/p{p}", {}))

