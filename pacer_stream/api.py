@@ -47,9 +47,8 @@ class PACERMerger:
         """Run the merge; returns a summary (output, export format, upcycled blocks, sizes).
 
         Further ``pacer_options`` are the plan's ``pacer`` keys, e.g.
-        ``max_param_growth=1.36`` or ``max_experts=2``. ``dropout_rate`` (PacerKit's 0.1
-        when a base model is given) is DARE's drop rate on the task vectors; without a
-        base model the dense layers are the models' mean and it must stay None.
+        ``max_param_growth=1.36`` or ``max_experts=2``. ``dropout_rate`` is PacerKit's
+        DARE rate; PACER's dense layers are the models' mean, so a value is refused.
         """
         raw = {
             "project_name": self.project_name, "models": self.models, "method": "pacer",

@@ -101,7 +101,7 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
     """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption."""
     from .config import load_plan
     from .calibration import routing_line
-    from .executor import RunOptions, run_merge
+    from .executor import RunOptions, align_lines, run_merge
 
     options = RunOptions(
         budget=parse_size(max_memory, "--max-memory") if max_memory else None,
@@ -117,7 +117,10 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         click.echo("pacer-stream: interrupted; finished units are saved, re-run the same "
                    "command to resume", err=True)
         sys.exit(130)
-    if not quiet:
+    if quiet:  # a peer the cap stopped is said even so: its merge is not what was meant
+        for line in align_lines(summary.align, unconverged_only=True):
+            click.echo(line, err=True)
+    else:
         for line in summary.align_lines():
             click.echo(line)
         if summary.pacer_line():
@@ -162,7 +165,7 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
     from .analyze import analyze as run_analysis, plan_for_models
     from .calibration import routing_line
     from .config import load_plan
-    from .executor import RunOptions
+    from .executor import RunOptions, align_lines
 
     if as_models:
         config = plan_for_models(list(inputs), align=not no_align)
@@ -174,7 +177,11 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
                          device=device, restart=restart, quiet=quiet or not sys.stderr.isatty())
     report = run_analysis(config, output, options)
     if quiet:
+        for line in align_lines(report.get("align"), unconverged_only=True):
+            click.echo(line, err=True)
         return
+    for line in align_lines(report.get("align")):
+        click.echo(line)
     metric = report["metric"]
     for block in report["blocks"]:
         mlp = block.get("mlp", {})

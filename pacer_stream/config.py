@@ -8,7 +8,7 @@ Plans are YAML and accept PacerKit's keys as they are::
       - {model: SamuelBang/AesCoder-4B, weight: 0.7}
     output: {path: ./merged_model, save_format: safetensors}
     method: pacer
-    pacer: {interference_threshold: 0.35, top_k_experts: 2, dropout_rate: 0.1,
+    pacer: {interference_threshold: 0.35, top_k_experts: 2,
             anchor_strategy: first, enable_moe_upcycle: true}
 
 Every mistake is a :class:`PacerError` naming the key; an unknown key comes with
@@ -38,11 +38,11 @@ TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "paramet
             "seed", "align", "accept_config_differences")
 ROUTER_MODES = ("linear", "deviation_norm")
 ROUTERS = ("few_shot", "data_free")
-# Base-free, PACER's dense layers are the consensus mean: TIES/DARE around a pseudo-base
-# built from the same models was never better than the mean (benchmarks/quality), so
-# these pacer values, which only the base-relative dense path reads, are refused there.
-BASE_RELATIVE_PACER_KEYS = ("dropout_rate",)
-BASE_RELATIVE_PARAMETERS = ("lambda", "rescale")
+# PACER's dense layers are the consensus mean: on benchmarks/quality no TIES/DARE rule,
+# with the base or around a pseudo-base, beat the mean on both tasks. The values only a
+# TIES/DARE dense path would read are refused (the methods themselves remain).
+DENSE_ONLY_PACER_KEYS = ("dropout_rate",)
+DENSE_ONLY_PARAMETERS = ("lambda", "rescale")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
 MODEL_KEYS = ("model", "weight", "density")
@@ -56,7 +56,7 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "ties": ("weight", "density", "lambda", "normalize"),
     "dare_linear": ("weight", "density", "lambda", "normalize", "rescale"),
     "dare_ties": ("weight", "density", "lambda", "normalize", "rescale"),
-    "pacer": ("weight", "lambda", "normalize", "rescale"),  # density: pacer.dropout_rate
+    "pacer": ("weight", "normalize"),  # the dense layers are the (weighted) mean
     "split_merge": ("density",),
 }
 # Methods that ignore a base model (linear averages the models; split_merge is base-free).
@@ -64,9 +64,11 @@ BASE_FREE_METHODS = ("linear", "split_merge")
 # The pacer keys a method other than pacer reads: those of the alignment, when it aligns.
 ALIGN_PACER_KEYS = ("anchor_strategy", "max_sweeps")
 PACER_DEFAULTS: dict[str, Any] = {
-    "interference_threshold": 0.35,  # gamma: upcycle an MLP block whose conflict exceeds it
+    # gamma: upcycle an MLP block whose conflict exceeds it. Measured (benchmarks/quality and
+    # issue 15): experts that lose each other's domains when averaged show I = 0.12-0.40
+    "interference_threshold": 0.1,
     "top_k_experts": 2,
-    "dropout_rate": 0.1,  # DARE drop probability for the dense merge
+    "dropout_rate": None,  # PacerKit's key; refused: the dense layers are the mean
     "anchor_strategy": "first",
     "enable_moe_upcycle": True,
     "max_sweeps": 20,  # safety cap: alignment sweeps until converged (measured: 1-2, at worst 7)
@@ -172,7 +174,7 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
         pacer["anchor_strategy"] = _anchor_ref(pacer["anchor_strategy"], entries, base_ref,
                                                base_dir, f"{label}: pacer.anchor_strategy")
     if method == "pacer":
-        _check_pacer_dense(given_pacer, parameters, base_ref, label)
+        _check_pacer_dense(given_pacer, parameters, label)
         pacer["router_samples"] = _router_samples(pacer["router_samples"], entries, base_dir,
                                                   f"{label}: pacer.router_samples")
         pacer["router"] = _router(pacer, f"{label}: pacer.router")
@@ -255,7 +257,7 @@ def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
                 base: ModelRef | None, label: str) -> None:
     """Refuse every value the method would not read (see METHOD_PARAMETERS)."""
     uses = METHOD_PARAMETERS[method]
-    hint = {"pacer": {"density": " (pacer's DARE density is 1 - pacer.dropout_rate)"}}.get(
+    hint = {"pacer": {"density": " (PACER's dense layers are the models' mean)"}}.get(
         method, {})
     for key in parameters:
         if key not in uses:
@@ -276,10 +278,9 @@ def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
 
 
 def _check_pacer(p: dict, where: str) -> None:
-    for key in ("interference_threshold", "dropout_rate"):
-        value = _number(p[key], f"{where}.{key}")
-        if not 0 <= value < 1 + (key == "interference_threshold"):
-            raise PacerError(f"{where}.{key} out of range: {value}")
+    value = _number(p["interference_threshold"], f"{where}.interference_threshold")
+    if not 0 <= value < 2:
+        raise PacerError(f"{where}.interference_threshold out of range: {value}")
     if p["router_mode"] not in ROUTER_MODES:
         raise PacerError(f"{where}.router_mode: expected one of {', '.join(ROUTER_MODES)}, got "
                          f"{p['router_mode']!r}")
@@ -316,21 +317,17 @@ def _check_pacer(p: dict, where: str) -> None:
                          f"{p['router_temperature']}")
 
 
-def _check_pacer_dense(given: dict, parameters: dict, base: ModelRef | None,
-                       label: str) -> None:
-    """Base-free, pacer's dense layers are the mean: DARE/TIES values would be ignored."""
-    if base is not None:
-        return
-    for key in BASE_RELATIVE_PACER_KEYS:
+def _check_pacer_dense(given: dict, parameters: dict, label: str) -> None:
+    """PACER's dense layers are the mean: DARE/TIES values would have no effect."""
+    for key in DENSE_ONLY_PACER_KEYS:
         if key in given:
-            raise PacerError(f"{label}: pacer.{key} has no effect without base_model: base-free, "
-                             "PACER merges its dense layers as the models' mean; remove it or "
-                             "give base_model")
-    for key in BASE_RELATIVE_PARAMETERS:
+            raise PacerError(f"{label}: pacer.{key} has no effect: PACER merges its dense layers "
+                             "as the models' mean (measured better than DARE/TIES on "
+                             "benchmarks/quality); remove it, or use method: dare_ties")
+    for key in DENSE_ONLY_PARAMETERS:
         if key in parameters:
-            raise PacerError(f"{label}: parameters.{key} has no effect without base_model: "
-                             "base-free, PACER merges its dense layers as the models' mean; "
-                             "remove it or give base_model")
+            raise PacerError(f"{label}: parameters.{key} has no effect: PACER merges its dense "
+                             "layers as the models' mean; remove it, or use method: dare_ties")
 
 
 def _router_samples(raw: Any, entries: tuple[ModelEntry, ...], base_dir: Path,
@@ -358,11 +355,13 @@ def _router_samples(raw: Any, entries: tuple[ModelEntry, ...], base_dir: Path,
     return samples
 
 
-def _router(pacer: dict, where: str) -> str:
-    """The gate's kind: few_shot when samples are given (the default then), else data_free."""
+def _router(pacer: dict, where: str) -> str | None:
+    """The gate's kind: few_shot when samples are given (the default then); data_free only
+    when asked for; None (no block is upcycled) otherwise: on benchmarks/quality the
+    data-free gate routed no better than chance and its MoE was worse than the mean."""
     router = pacer["router"]
     if router is None:
-        return "few_shot" if pacer["router_samples"] else "data_free"
+        return "few_shot" if pacer["router_samples"] else None
     if router not in ROUTERS:
         raise PacerError(f"{where}: expected one of {', '.join(ROUTERS)}, got {router!r}")
     if router == "few_shot" and not pacer["router_samples"]:

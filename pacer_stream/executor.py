@@ -76,6 +76,32 @@ class RunOptions:
     hash_inputs: bool = False  # also fingerprint input files by sha256 (reads them once more)
 
 
+def align_lines(align: dict | None, unconverged_only: bool = False) -> list[str]:
+    """One line per aligned peer of a report's "align" section: converged or stopped by the
+    cap, what moved per group kind, certificate hits. ``unconverged_only``: just the peers
+    whose record says the cap stopped them (``converged`` false)."""
+    lines = []
+    for label, peer in (align or {}).get("peers", {}).items():
+        # Stopped by the safety cap rather than converged: say it plainly, with the fix.
+        converged = peer.get("converged", True)
+        if unconverged_only and converged:
+            continue
+        kinds = ", ".join(f"{kind} {k['moved'] / k['slots']:.0%}" if k["slots"] else kind
+                          for kind, k in sorted(peer["kinds"].items()))
+        problems = sum(k["problems"] for k in peer["kinds"].values())
+        certified = sum(k["certified"] for k in peer["kinds"].values())
+        cap = peer.get("max_sweeps", peer["sweeps"])
+        status = (f"converged after {peer['sweeps']} sweep(s)" if converged else
+                  f"NOT converged after {peer['sweeps']} sweeps (cap max_sweeps = {cap})")
+        advice = "" if converged else ("; raise pacer.max_sweeps in the plan and run it "
+                                       "again with --restart")
+        lines.append(f"aligned {label}: {status}, moved {kinds}; "
+                     f"{certified}/{problems} assignments certified identity; objective "
+                     f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}"
+                     + advice)
+    return lines
+
+
 @dataclass
 class RunSummary:
     out_dir: Path
@@ -91,26 +117,8 @@ class RunSummary:
     pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
 
     def align_lines(self) -> list[str]:
-        """One line per aligned peer: converged or stopped by the cap, what moved per group
-        kind, certificate hits."""
-        lines = []
-        for label, peer in (self.align or {}).get("peers", {}).items():
-            kinds = ", ".join(f"{kind} {k['moved'] / k['slots']:.0%}" if k["slots"] else kind
-                              for kind, k in sorted(peer["kinds"].items()))
-            problems = sum(k["problems"] for k in peer["kinds"].values())
-            certified = sum(k["certified"] for k in peer["kinds"].values())
-            # Stopped by the safety cap rather than converged: say it plainly, with the fix.
-            converged = peer.get("converged", True)
-            cap = peer.get("max_sweeps", peer["sweeps"])
-            status = (f"converged after {peer['sweeps']} sweep(s)" if converged else
-                      f"NOT converged after {peer['sweeps']} sweeps (cap max_sweeps = {cap})")
-            advice = "" if converged else ("; raise pacer.max_sweeps in the plan and run it "
-                                           "again with --restart")
-            lines.append(f"aligned {label}: {status}, moved {kinds}; "
-                         f"{certified}/{problems} assignments certified identity; objective "
-                         f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}"
-                         + advice)
-        return lines
+        """One line per aligned peer (see :func:`align_lines`)."""
+        return align_lines(self.align)
 
     def pacer_line(self) -> str | None:
         """What PACER's phase 3 did: which blocks became experts, and the size it cost."""
@@ -281,7 +289,8 @@ class MergeJob:
         self.layout = None
         shapes = {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
                       tuple(self.anchor.tensors[t].shape)) for t in self.order}
-        if decision is not None and decision.upcycles and self.moe_type is not None:
+        if decision is not None and decision.upcycles and self.moe_type is not None \
+                and self._can_route():
             self.layout, recipes = self._moe_layout(decision.blocks, decision.num_experts,
                                                     decision.top_k, shapes)
         else:
@@ -491,6 +500,11 @@ class MergeJob:
             if decision.upcycles and self.moe_type is None:
                 decision.note = (f"{self.models.spec.family} MoE export is not supported yet; "
                                  f"blocks {decision.blocks} were merged dense")
+            elif decision.upcycles and not self._can_route():
+                decision.note = (f"blocks {decision.blocks} were merged dense: experts need a "
+                                 "router that routes; give pacer.router_samples (a file of "
+                                 "sample lines per model), or set router: data_free (on "
+                                 "benchmarks/quality it routed no better than chance)")
             state.group.attrs["decision"] = decision.to_json()
         self.decision = decision
         self._set_layout(decision)
@@ -576,6 +590,13 @@ class MergeJob:
         return read
 
     # -- router calibration ---------------------------------------------------------------
+
+    def _can_route(self) -> bool:
+        """Whether the plan gives the experts a router (config.py: no samples and no
+        ``router: data_free`` means none, except the ViT-MoE's per-input router)."""
+        pacer = self.config.pacer
+        return pacer["router"] is not None or (self.moe_type == VIT_MOE
+                                               and pacer["router_mode"] != "linear")
 
     def _router_kind(self) -> str:
         """Where the gate rows come from (calibration.py): the plan's choice, or the

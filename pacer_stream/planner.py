@@ -170,6 +170,8 @@ def _router(config: PlanConfig) -> str | None:
         return None
     if pacer["router_mode"] != "linear":
         return f"{pacer['router_mode']} (per-input, ViT-MoE code)"
+    if pacer["router"] is None:
+        return None
     samples = pacer["router_samples"] or {}
     measured = (f"; routing measured on {pacer['router_holdout']:.0%} of the sample lines, "
                 "held out" if samples and pacer["router"] == "few_shot" else
@@ -341,7 +343,7 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan(name, 1, merge_read, out, seconds))
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] \
-            and config.pacer["router_mode"] == "linear":
+            and config.pacer["router_mode"] == "linear" and config.pacer["router"] is not None:
         # the router calibration reads back at most the blocks up to the last upcycled one
         seconds = {dev: write / rate.disk_read for dev, rate in (("cpu", acct.CPU),
                                                                  ("gpu", acct.GPU))}
@@ -384,7 +386,10 @@ def render(plan: Plan) -> str:
         f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
         f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
         *(_align_line(s) for s in plan.stages if s.max_passes is not None),
-        *([f"  calibrate (if a block is upcycled): router {plan.router}"] if plan.router else []),
+        *([f"  calibrate (if a block is upcycled): router {plan.router}"] if plan.router else
+          ["  no MLP block will be upcycled: experts need pacer.router_samples (or router: "
+           "data_free)"] if plan.method == "pacer" and plan.write_bytes_max > plan.write_bytes
+          else []),
         "",
         f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.write_bytes)}"
         + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"

@@ -23,7 +23,7 @@ PLANS = {
     "ties": ("llama", ("ft1", "ft2", "ft3"),
              "method: ties\nparameters: {density: 0.5}\n"),
     "pacer": ("conflict", ("m1", "m2", "m3"),  # upcycles block 2 to experts
-              "method: pacer\npacer: {interference_threshold: 0.35}\n"),
+              "method: pacer\npacer: {interference_threshold: 0.35, router: data_free}\n"),
     "split_merge": ("llama", ("ft1", "ft2", "perm"),
                     "method: split_merge\nparameters: {density: 0.3}\n"),
     "align_only": ("llama", ("anchor", "perm"), "method: linear\nalign: only\n"),

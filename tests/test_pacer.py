@@ -30,7 +30,7 @@ def run_budgeted(plan: Path, *args: str, **kwargs):
 
 def write_plan(tmp: Path, fixtures: Path, out: str = "out", **pacer) -> Path:
     models = ", ".join(str(fixtures / "conflict" / f"m{k}") for k in (1, 2, 3))
-    options = {"interference_threshold": 0.35, "top_k_experts": 2, **pacer}
+    options = {"interference_threshold": 0.35, "top_k_experts": 2, "router": "data_free", **pacer}
     text = ", ".join(f"{k}: {json.dumps(v)}" for k, v in options.items())
     plan = tmp / f"{out}.yaml"
     plan.write_text(f"models: [{models}]\nmethod: pacer\nseed: 0\npacer: {{{text}}}\n"
@@ -175,6 +175,7 @@ def test_python_api_writes_the_same_files(merged, tmp_path, fixtures_dir, monkey
     merger = PACERMerger([str(fixtures_dir / "conflict" / f"m{k}") for k in (1, 2, 3)],
                          max_memory=str(BUDGET))
     summary = merger.merge(interference_threshold=0.35, top_k_experts=2, output_path="api",
+                           router="data_free",
                            shard_size="200KB")
     assert summary["exported_as"] == "qwen2_moe" and summary["upcycled_blocks"] == [BLOCK]
     ours = {k: v for k, v in digests(tmp_path / "api").items() if k != "README.md"}
@@ -244,7 +245,7 @@ def test_every_family_upcycles_or_says_why_not(family, exported, tmp_path, fixtu
     plan = tmp_path / "plan.yaml"
     tome = ", tome_r: 2" if family == "vit" else ""  # ViT-MoE: token merging at inference
     plan.write_text(f"models: [{models}]\nmethod: pacer\n"
-                    f"pacer: {{interference_threshold: 0.0{tome}}}\n"
+                    f"pacer: {{interference_threshold: 0.0, router: data_free{tome}}}\n"
                     f"output: {{path: {tmp_path / 'out'}}}\n")
     proc = run_budgeted(plan)
     assert proc.returncode == 0, proc.stderr

@@ -79,8 +79,9 @@ def test_pacer_plan_counts_alignment_sweeps(fixtures_dir, tmp_path):
     # every llama tensor carries a permuted axis, so each sweep reads all of them
     assert stages["align"]["read_bytes"] == 2 * expected and stages["align"]["passes"] == 2
     assert stages["merge"]["read_bytes"] == expected
-    assert plan["read_bytes"] == 3 * expected + stages["consensus"]["read_bytes"] + \
-        stages["calibrate"]["read_bytes"]
+    # no router samples and no `router: data_free`: nothing will be upcycled, no calibration
+    assert "calibrate" not in stages and plan["router"] is None
+    assert plan["read_bytes"] == 3 * expected + stages["consensus"]["read_bytes"]
 
 
 def test_plan_human_report(fixtures_dir):

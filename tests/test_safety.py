@@ -272,8 +272,8 @@ def test_plan_level_weight_is_used(models, tmp_path):
     ("linear", "parameters: {density: 0.5}\n", "parameters.density"),
     ("task_arithmetic", "parameters: {rescale: l1}\n", "parameters.rescale"),
     ("split_merge", "parameters: {weight: 0.5}\n", "parameters.weight"),
-    ("pacer", "parameters: {density: 0.5}\n", "dropout_rate"),
-    ("pacer", "pacer: {dropout_rate: 0.2}\n", "pacer.dropout_rate"),  # base-free: the mean
+    ("pacer", "parameters: {density: 0.5}\n", "dense layers are the models' mean"),
+    ("pacer", "pacer: {dropout_rate: 0.2}\n", "pacer.dropout_rate"),  # dense layers: the mean
     ("pacer", "parameters: {lambda: 0.5}\n", "parameters.lambda"),
     ("ties", "pacer: {interference_threshold: 0.2}\n", "pacer.interference_threshold"),
     ("ties", "pacer: {anchor_strategy: lowest_magnitude}\n", "without align"),

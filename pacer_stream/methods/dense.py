@@ -71,13 +71,11 @@ METHODS: dict[str, MethodDef] = {
 
 
 def pacer_dense(config: "PlanConfig") -> tuple[str, dict]:
-    """PACER's dense path (the layers not upcycled): with a base, DARE-TIES on the task
-    vectors; base-free, the consensus mean, which no pseudo-base TIES/DARE beat on the
-    quality benchmark (benchmarks/quality; methods/dense.py on why the first base-free
-    rule was degenerate)."""
-    if config.base_model is None:
-        return "linear", dict(config.parameters)
-    return "dare_ties", {"density": 1.0 - config.pacer["dropout_rate"], **config.parameters}
+    """PACER's dense path (every layer not upcycled): the models' (weighted) mean, with or
+    without a base. On benchmarks/quality it kept more of the experts' gains than TIES or
+    DARE with the base and than the base-free TIES above (the module docstring), on both
+    the text and the image task."""
+    return "linear", dict(config.parameters)
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,13 @@ class SplitMergeModel:
             self._active = False
 
     @contextmanager
-    def for_text(self, text: str, bank: RouterBank, temperature: float = 1.0,
+    def for_text(self, text: str, bank: RouterBank, temperature: float | None = None,
                  top_k: int | None = None) -> Iterator[float]:
-        """specialize(Σ_t α̂_t(text) c_t): route ``text`` with ``bank``; yields c."""
+        """specialize(Σ_t α̂_t(text) c_t): route ``text`` with ``bank``; yields c.
+
+        ``temperature``: τ of the routing; None (the default) is the bank's own,
+        ``bank.temperature`` (0.08 / N unless the router was built with another).
+        """
         match_experts(bank.names, self.labels)
         with self.specialize(self.coefficient(bank.weights(text, temperature, top_k))) as c:
             yield c
@@ -441,9 +445,13 @@ class TaskVectorModel:
             self._active = False
 
     @contextmanager
-    def for_text(self, text: str, bank: RouterBank, temperature: float = 1.0,
+    def for_text(self, text: str, bank: RouterBank, temperature: float | None = None,
                  top_k: int | None = None) -> Iterator[dict[str, float]]:
-        """specialize(α̂(text)) with the bank's experts named as this model's; yields α̂."""
+        """specialize(α̂(text)) with the bank's experts named as this model's; yields α̂.
+
+        ``temperature``: τ of the routing; None (the default) is the bank's own,
+        ``bank.temperature`` (0.08 / N unless the router was built with another).
+        """
         if sorted(bank.names) != sorted(self.names):
             raise PacerError(f"router experts [{', '.join(bank.names)}] vs task-vector experts "
                              f"[{', '.join(self.names)}]: they must be the same names")
