@@ -90,3 +90,54 @@ def test_the_advice_works(fixtures_dir, tmp_path):
     assert result.exit_code == 0, result.output
     (record,) = peers.values()
     assert record["converged"] is True and record["sweeps"] == 2
+
+
+def test_quiet_run_still_says_not_converged_on_stderr(fixtures_dir, tmp_path):
+    """--quiet hides progress and the summary, not a peer the cap stopped: that line goes to
+    stderr (the converged ones stay hidden)."""
+    models = [fixtures_dir / "vit" / "ft3", fixtures_dir / "vit" / "perm"]
+    result, peers = run_align(models, tmp_path / "out", "pacer: {max_sweeps: 1}\n", "--quiet")
+    assert result.exit_code == 0, result.output
+    (label, record), = peers.items()
+    assert record["converged"] is False
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"aligned {label}: NOT converged after 1 sweeps (cap max_sweeps = 1)")
+    assert "raise pacer.max_sweeps" in line and "--restart" in line
+    result, peers = run_align(models, tmp_path / "out", "pacer: {max_sweeps: 20}\n",
+                              "--quiet", "--restart")
+    assert result.exit_code == 0, result.output
+    assert next(iter(peers.values()))["converged"] is True
+    assert result.stdout == "" and "aligned" not in result.stderr
+
+
+def test_analyze_prints_the_align_lines(fixtures_dir, tmp_path):
+    """analyze aligns like run and says the same per-peer lines: on stdout, and with --quiet
+    only a NOT converged one, on stderr."""
+    from pacer_stream.cli import main
+
+    models = [fixtures_dir / "vit" / "ft3", fixtures_dir / "vit" / "perm"]
+    plan = tmp_path / "plan.yaml"
+    for cap, converged in ((1, False), (20, True)):
+        plan.write_text(f"models: [{', '.join(map(str, models))}]\nmethod: pacer\n"
+                        f"output: {{path: {tmp_path / 'merged'}}}\n"
+                        f"pacer: {{max_sweeps: {cap}}}\n")
+        output = tmp_path / f"analysis-{cap}.json"
+        result = CliRunner().invoke(main, ["analyze", str(plan), "--output", str(output)])
+        assert result.exit_code == 0, result.output
+        (label, record), = json.loads(output.read_text())["align"]["peers"].items()
+        assert record["converged"] is converged
+        (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("aligned ")]
+        assert line.startswith(f"aligned {label}: ")
+        if converged:
+            assert f"converged after {record['sweeps']} sweep(s)" in line
+            assert "NOT converged" not in line
+        else:
+            assert "NOT converged after 1 sweeps (cap max_sweeps = 1)" in line
+            assert "raise pacer.max_sweeps" in line
+        quiet = CliRunner().invoke(main, ["analyze", str(plan), "--output", str(output),
+                                          "--quiet"])
+        assert quiet.exit_code == 0, quiet.output
+        assert quiet.stdout == ""
+        assert ("NOT converged after 1 sweeps" in quiet.stderr) is not converged
+        assert quiet.stderr.count("aligned ") == (0 if converged else 1)

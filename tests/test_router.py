@@ -447,6 +447,40 @@ def test_for_text_routes_then_specializes(split_dir, bank):
     assert same_bits(sm.model, mu)
 
 
+
+def test_for_text_defaults_to_the_banks_temperature(split_dir, bank):
+    """No temperature: the bank's own τ (0.08 / N, or the one it was built with), not τ = 1,
+    under which the three clearly separated topics came out at about 1/3 each."""
+    sm = SplitMergeModel.load(split_dir[0])
+    text = "Whisk the butter and sugar for the cake batter."
+    assert bank.temperature == pytest.approx(0.08 / 3)
+    want = sm.coefficient(bank.weights(text))
+    old = sm.coefficient(bank.weights(text, 1.0))  # the old default
+    with sm.for_text(text, bank) as c:
+        assert c == want
+    assert want > 0.6 and abs(want - old) > 0.4, (want, old)  # cooking's c_t is 0.9
+    stored = RouterBank(dict(bank.samples), bank.embedder_path, bank.default_embedder,
+                        bank.embedder, temperature=0.5)
+    with sm.for_text(text, stored) as c:
+        assert c == sm.coefficient(bank.weights(text, 0.5)) != want
+
+
+def test_task_vector_for_text_defaults_to_the_banks_temperature(tmp_path, bank):
+    base = tiny_llama(tmp_path / "base")
+    folders = {}
+    for i, name in enumerate(bank.names):
+        folders[name] = tmp_path / name
+        tiny_llama(folders[name], noise={"model.norm.weight": 0.1 * (i + 1)})
+    tv = TaskVectorModel.load(tmp_path / "base", folders)
+    text = "The galaxy's light took billions of years to reach the telescope."
+    with tv.for_text(text, bank) as weights:
+        assert weights == bank.weights(text)
+        assert max(weights, key=weights.get) == "astronomy" and weights["astronomy"] > 0.6
+    with tv.for_text(text, bank, temperature=1.0) as weights:
+        assert max(weights.values()) < 0.4  # τ = 1: nearly uniform
+    assert torch.equal(tv.model.state_dict()["model.norm.weight"],
+                       base.state_dict()["model.norm.weight"])
+
 def test_bf16_is_computed_in_fp32_and_restored(split_dir):
     folder, eta = split_dir
     sm = SplitMergeModel.load(folder, dtype=torch.bfloat16)
