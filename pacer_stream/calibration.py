@@ -69,6 +69,9 @@ MAX_TOKENS = 256  # tokens per sample line
 PSEUDO_SEQUENCES = 48  # data-free pseudo-samples per model
 PSEUDO_LENGTH = 64
 ATTENTION_BATCH = 16  # sequences per attention call: bounds the T × T scores
+# fp32 copies of the samples' hidden states alive at once: h, the attention output, the
+# MLP input u and the MLP output (the last two over chunks, counted whole to be safe)
+ACTIVATION_COPIES = 4
 TOKEN_CHUNK = 4096  # tokens per MLP call
 Reader = Callable[[str], torch.Tensor]
 
@@ -83,6 +86,11 @@ class SampleSet:
     fit: torch.Tensor  # bool [B]: fits the gate
     held_out: torch.Tensor  # bool [B]: measures it
     note: str = ""
+
+    def activation_bytes(self, hidden: int) -> int:
+        """What the stage holds for these sequences: ACTIVATION_COPIES fp32 [B, T, d]."""
+        width = self.inputs.shape[1] if self.inputs.dim() == 2 else int(self.lengths.max())
+        return len(self.inputs) * width * hidden * 4 * ACTIVATION_COPIES
 
     def token_mask(self, tokens: int) -> torch.Tensor:
         """[B, T] True where a position holds a real token."""

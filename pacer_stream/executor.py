@@ -45,7 +45,8 @@ from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
-from .calibration import (RouterCalibration, SampleSet, image_samples, pseudo_samples,
+from .calibration import (ACTIVATION_COPIES, PSEUDO_LENGTH, PSEUDO_SEQUENCES,
+                          RouterCalibration, SampleSet, image_samples, pseudo_samples,
                           text_samples, text_tokenizer, token_distributions)
 from .lock import LOCK_FILE, OutputLock
 from .methods.consensus import PartStats, model_similarity, part_of
@@ -661,6 +662,24 @@ class MergeJob:
                                           if has else None, self.anchor.label)
                 real = text_samples(files, tokenize, pacer["router_holdout"])
         self.real_samples = real
+        self._check_calibration_fits()
+
+    def _check_calibration_fits(self) -> None:
+        """The calibration stage keeps the samples' hidden states in memory (beside one
+        block's tensors): refuse up front a budget that cannot hold them."""
+        if not self.upcycling or self.config.pacer["router"] is None:
+            return
+        hidden = self.models.graph.dims["residual"]
+        need = self.real_samples.activation_bytes(hidden) if self.real_samples else 0
+        if self.config.pacer["router"] == "data_free":
+            need += len(self.models.models) * PSEUDO_SEQUENCES * max(
+                PSEUDO_LENGTH, self.real_samples.inputs.shape[1] if self.real_samples else 0) \
+                * hidden * 4 * ACTIVATION_COPIES
+        if need > acct.usable(self.budget) // 2:
+            raise PacerError(f"the router samples' hidden states take {format_size(need)}, more "
+                             f"than half of what --max-memory {format_size(self.budget)} leaves "
+                             "for tensors; use fewer or shorter sample lines, or raise the "
+                             f"budget to at least {format_size(acct.budget_for(2 * need))}")
 
     def _router_samples(self) -> SampleSet:
         """The sequences of calibration.py: the sample lines, or data-free pseudo-samples."""

@@ -203,3 +203,15 @@ def test_vit_few_shot_router_from_sample_images(fixtures_dir, tmp_path):
     assert router["kind"] == "few_shot" and sorted(router["layers"]) == ["0", "1"]
     assert router["layers"]["0"]["held_out_tokens"] == 3 * 2 * 17  # 2 held-out images each
     assert router["layers"]["0"]["held_out_accuracy"] > 0.9
+
+
+def test_samples_that_do_not_fit_the_budget_are_refused_up_front(models, tmp_path):
+    bad = tmp_path / "models"
+    shutil.copytree(models, bad)
+    for k in (1, 2, 3):  # 512 lines of 256 tokens per model: ~100 MB of hidden states
+        (bad / f"samples{k}.txt").write_text(("abcdefgh" * 32 + "\n") * 512)
+    proc = run_cli(write_plan(tmp_path, bad), "--max-memory", "600MB")
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "router samples' hidden states take" in line and "at least" in line, line
+    assert not (tmp_path / "out").exists()
