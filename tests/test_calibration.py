@@ -134,9 +134,13 @@ def test_data_free_gate_is_measured_on_the_sample_lines(models, tmp_path):
 
 
 def _refused(tmp: Path, plan: Path, needle: str) -> None:
-    proc = run_cli(plan)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
+    from click.testing import CliRunner
+
+    from pacer_stream.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(plan), "--quiet"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
     assert line.startswith("pacer-stream: error:") and needle in line, line
     assert not (tmp / "out").exists()
 
