@@ -320,9 +320,10 @@ def routing_line(router: dict | None) -> str | None:
     parts = []
     for layer, entry in sorted(layers.items(), key=lambda item: int(item[0])):
         held = entry.get("held_out_accuracy")
-        parts.append(f"{layer}: {held:.0%}" if held is not None else
-                     f"{layer}: {entry['calibration_accuracy']:.0%} (fit)")
-    if not parts:
-        return f"router: {router['kind']}"
+        if held is not None:
+            parts.append(f"{layer}: {held:.0%}")
+    if not parts:  # the accuracy on the gate's own fitting tokens would flatter it
+        return (f"router: {router['kind']}; routing not measured (give pacer.router_samples "
+                "to measure it on real sample lines)")
     return (f"router: {router['kind']}; routing accuracy per upcycled block (held-out "
             f"sample tokens) {', '.join(parts)}")
