@@ -120,7 +120,7 @@ def test_tokenizer_json_encodes_bytes(tmp_path):
     bytetok.write_tokenizer(tmp_path)  # asserts the equality itself
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for text in ("plain ASCII", "  leading spaces", "Größe", "изменяет", "日本", "a\tb"):
-        assert tok.encode(text).ids == list(text.encode("utf-8"))
+        assert tok.encode(text).ids == [bytetok.BOS, *text.encode("utf-8")]  # BOS, then bytes
     assert tok.token_to_id("<bos>") == bytetok.BOS
 
 

@@ -5,7 +5,9 @@ Russian, Python, C) is encoded the same way. The merged models still need a `tok
 that a consumer (pacer-stream's few-shot router, anyone loading the output) can use, so
 `write_tokenizer` writes one for the `tokenizers` library that encodes exactly like `encode`:
 a byte-level BPE with the 256 byte symbols in byte order and no merges, no regex split and no
-prefix space. `check_tokenizer` proves the equality on texts of every script we use.
+prefix space, and a post-processor that puts BOS in front, as the models saw every line in
+training and scoring (the way a Llama tokenizer adds its BOS). `check_tokenizer` proves the
+equality on texts of every script we use.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ def byte_symbols() -> list[str]:
 
 def write_tokenizer(folder: Path) -> Path:
     """`tokenizer.json` (+ a tokenizer_config.json for transformers) into ``folder``; checked."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {symbol: i for i, symbol in enumerate(byte_symbols())}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([BOS_TEXT])  # id 256, right after the 256 byte symbols
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TEXT} $A", special_tokens=[(BOS_TEXT, BOS)])
     path = Path(folder) / "tokenizer.json"
     tokenizer.save(str(path))
     # transformers' PreTrainedTokenizerFast reads tokenizer.json; this names its BOS token.
@@ -79,5 +83,6 @@ def check_tokenizer(path: Path) -> None:
     assert tokenizer.token_to_id(BOS_TEXT) == BOS, "BOS must be id 256"
     for text in CHECK_TEXTS:
         ids = tokenizer.encode(text).ids
-        assert ids == encode(text), f"tokenizer.json encodes {text!r} as {ids}, not its bytes"
+        assert ids == [BOS, *encode(text)], \
+            f"tokenizer.json encodes {text!r} as {ids}, not BOS and its bytes"
         assert tokenizer.decode(ids) == text, f"tokenizer.json does not decode {text!r} back"

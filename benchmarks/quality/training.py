@@ -116,6 +116,8 @@ def train_text(domains: list[Domain], s: TextSettings, cache: Path, say=print
     experts = {d.name: folder / f"expert-{d.name}" for d in domains}
     if (folder / "DONE.json").is_file():
         say(f"text models: cached in {folder}")
+        for model in (folder / "base", *experts.values()):
+            bytetok.write_tokenizer(model)  # the tokenizer is not part of the cache key
         return folder / "base", experts, json.loads((folder / "DONE.json").read_text())
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
