@@ -44,6 +44,10 @@ def run(plan: Path, *args: str, failpoint: str | None = None, fsize: int | None 
         env["PACER_STREAM_FAILPOINT"] = failpoint
 
     def limit():
+        # a child inherits an ignored SIGINT (a parent started in the background, or any
+        # test of this session that ignored it), and Python then installs no KeyboardInterrupt
+        # handler: give the run the default disposition a terminal user has
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if fsize is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
