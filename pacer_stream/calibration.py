@@ -58,6 +58,7 @@ from . import failpoints
 from .errors import PacerError
 from .methods.dense import median
 from .methods.gate import fit_gate, routing_accuracy
+from .runtime.router import read_lines as router_lines
 from .seeding import generator
 from .state import PassCheckpoint
 
@@ -87,14 +88,20 @@ class SampleSet:
     held_out: torch.Tensor  # bool [B]: measures it
     note: str = ""
 
-    def activation_bytes(self, hidden: int) -> int:
-        """What the stage holds for these sequences: ACTIVATION_COPIES fp32 [B, T, d]."""
-        width = self.inputs.shape[1] if self.inputs.dim() == 2 else int(self.lengths.max())
-        return len(self.inputs) * width * hidden * 4 * ACTIVATION_COPIES
+    @property
+    def width(self) -> int:
+        """Positions per sequence: the padded length (decoders) or the tokens of an image."""
+        return self.inputs.shape[1] if self.inputs.dim() == 2 else int(self.lengths.max())
 
     def token_mask(self, tokens: int) -> torch.Tensor:
         """[B, T] True where a position holds a real token."""
         return torch.arange(tokens)[None, :] < self.lengths[:, None]
+
+
+def activation_bytes(sequences: int, width: int, hidden: int) -> int:
+    """What the stage holds for ``sequences`` of ``width`` positions: ACTIVATION_COPIES fp32
+    [B, T, d] copies of their hidden states."""
+    return sequences * width * hidden * 4 * ACTIVATION_COPIES
 
 
 # -- samples -------------------------------------------------------------------------------
@@ -105,11 +112,8 @@ def held_out_lines(count: int, share: float) -> list[bool]:
 
 
 def read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PacerError(f"router sample file {path} is not UTF-8 text") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    """A sample file's non-blank lines, as written (runtime.router reads and checks it)."""
+    lines = [line for _, line in router_lines(path, "router sample file", strip=False)]
     if not lines:
         raise PacerError(f"router sample file {path} holds no non-empty line")
     return lines

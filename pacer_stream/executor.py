@@ -45,9 +45,9 @@ from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
-from .calibration import (ACTIVATION_COPIES, PSEUDO_LENGTH, PSEUDO_SEQUENCES,
-                          RouterCalibration, SampleSet, image_samples, pseudo_samples,
-                          text_samples, text_tokenizer, token_distributions)
+from .calibration import (PSEUDO_LENGTH, PSEUDO_SEQUENCES, RouterCalibration, SampleSet,
+                          activation_bytes, image_samples, pseudo_samples, text_samples,
+                          text_tokenizer, token_distributions)
 from .lock import LOCK_FILE, OutputLock
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
@@ -667,14 +667,15 @@ class MergeJob:
     def _check_calibration_fits(self) -> None:
         """The calibration stage keeps the samples' hidden states in memory (beside one
         block's tensors): refuse up front a budget that cannot hold them."""
-        if not self.upcycling or self.config.pacer["router"] is None:
+        if not self.upcycling or not self._can_route() \
+                or self._router_kind() not in CALIBRATED_ROUTERS:
             return
-        hidden = self.models.graph.dims["residual"]
-        need = self.real_samples.activation_bytes(hidden) if self.real_samples else 0
-        if self.config.pacer["router"] == "data_free":
-            need += len(self.models.models) * PSEUDO_SEQUENCES * max(
-                PSEUDO_LENGTH, self.real_samples.inputs.shape[1] if self.real_samples else 0) \
-                * hidden * 4 * ACTIVATION_COPIES
+        real = self.real_samples
+        sequences, width = (len(real.inputs), real.width) if real else (0, 0)
+        if self._router_kind() == "data_free":  # pseudo-samples join the lines, padded alike
+            sequences += len(self.models.models) * PSEUDO_SEQUENCES
+            width = max(width, PSEUDO_LENGTH)
+        need = activation_bytes(sequences, width, self.models.graph.dims["residual"])
         if need > acct.usable(self.budget) // 2:
             raise PacerError(f"the router samples' hidden states take {format_size(need)}, more "
                              f"than half of what --max-memory {format_size(self.budget)} leaves "
@@ -969,9 +970,7 @@ class MergeJob:
             writer.write(name, copies[0])
             return sum(c.numel() * c.element_size() for c in copies)
         merge = TensorMerge(name, info.shape, self.params)
-        plan = self._slices(name)
-        total = plan.total_rows
-        ranges = [(r, min(r + plan.rows, total)) for r in range(0, total, plan.rows)]
+        ranges = self._ranges(name)
         read = 0
         split = None
         if raw is not None:  # whole tensor already read ahead: split once, keep for all passes

@@ -1,4 +1,4 @@
-"""Helpers for tests that run `pacer-stream run` as a real process."""
+"""Helpers for tests that run `pacer-stream` as a real process or through click's CliRunner."""
 
 from __future__ import annotations
 
@@ -62,3 +62,12 @@ def plan_of(plan: Path, budget: int | None = None):
 def min_budget(plan: Path) -> int:
     """The smallest --max-memory the plan fits in (the planner's own figure)."""
     return plan_of(plan).min_budget_bytes
+
+
+def fails_with(result, *needles: str) -> None:
+    """A CliRunner result refused the user's way: exit 2, one stderr line naming the problem."""
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("pacer-stream: error: "), line
+    for needle in needles:
+        assert needle in line, line

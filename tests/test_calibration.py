@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import make_fixtures
-from runs import digests, run_cli
+from runs import digests, fails_with, run_cli
 from pacer_stream.calibration import held_out_lines
 from pacer_stream.methods.gate import fit_gate
 
@@ -138,10 +138,7 @@ def _refused(tmp: Path, plan: Path, needle: str) -> None:
 
     from pacer_stream.cli import main
 
-    result = CliRunner().invoke(main, ["run", str(plan), "--quiet"])
-    assert result.exit_code == 2, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("pacer-stream: error:") and needle in line, line
+    fails_with(CliRunner().invoke(main, ["run", str(plan), "--quiet"]), needle)
     assert not (tmp / "out").exists()
 
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from pacer_stream.cli import main
 from pacer_stream.runtime import router as router_mod
 from pacer_stream.runtime.router import Embedder, RouterBank, default_embedder_path
+from runs import fails_with
 from test_router import HELD_OUT, SAMPLES, write_split_info
 
 transformers = pytest.importorskip("transformers")
@@ -43,14 +44,6 @@ def bank(saved_bank) -> RouterBank:
 def route(*args) -> object:
     """``pacer-stream route ARGS`` through the real main group (one-line errors, exit 2)."""
     return CliRunner().invoke(main, ["route", *map(str, args)])
-
-
-def fails_with(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip()
-    assert "\n" not in line and line.startswith("pacer-stream: error: "), line
-    for needle in needles:
-        assert needle in line, line
 
 
 def lines_file(tmp_path: Path, lines: list[str], name: str = "lines.txt") -> Path:

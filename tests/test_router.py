@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from runs import fails_with
 from pacer_stream.cli_router import route, router
 from pacer_stream.errors import PacerError
 from pacer_stream.runtime import (RouterBank, SplitMergeModel, TaskVectorModel, load_eta,
@@ -105,14 +106,6 @@ cli.add_command(route)
 
 def run_cli(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def fails_with(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip()
-    assert "\n" not in line and line.startswith("pacer-stream: error: "), line
-    for needle in needles:
-        assert needle in line, line
 
 
 # -----------------------------------------------------------------------------

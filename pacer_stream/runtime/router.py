@@ -394,8 +394,10 @@ def read_samples(path: str | Path) -> list[str]:
     return lines
 
 
-def read_lines(path: str | Path, what: str = "file") -> list[tuple[int, str]]:
-    """(line number from 1, text) of every non-blank line, surrounding spaces dropped."""
+def read_lines(path: str | Path, what: str = "file",
+               strip: bool = True) -> list[tuple[int, str]]:
+    """(line number from 1, text) of every non-blank line, surrounding spaces dropped
+    unless ``strip`` is false (a tokenizer sees leading spaces)."""
     path = Path(path)
     if path.is_dir():
         raise PacerError(f"{path}: is a folder; give a text file with one text per line")
@@ -404,9 +406,10 @@ def read_lines(path: str | Path, what: str = "file") -> list[tuple[int, str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise PacerError(f"{path}: not UTF-8 text (byte {exc.start}); give one text per "
+        raise PacerError(f"{path} is not UTF-8 text (byte {exc.start}); give one text per "
                          "line in UTF-8") from None
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [(i, line.strip() if strip else line) for i, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
 
 
 # -----------------------------------------------------------------------------
