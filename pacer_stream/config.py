@@ -38,6 +38,8 @@ TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "paramet
             "seed", "align", "accept_config_differences")
 ROUTER_MODES = ("linear", "deviation_norm")
 ROUTERS = ("few_shot", "data_free")
+DENSE_RULES = ("regmean", "mean")  # pacer.dense: how linear layers that are not upcycled merge
+VOCABULARY_RULES = ("usage", "mean")  # pacer.vocabulary: how token-embedding / LM-head rows merge
 # PACER's dense layers are the consensus mean: on benchmarks/quality no TIES/DARE rule,
 # with the base or around a pseudo-base, beat the mean on both tasks. The values only a
 # TIES/DARE dense path would read are refused (the methods themselves remain).
@@ -82,6 +84,11 @@ PACER_DEFAULTS: dict[str, Any] = {
     "router": None,  # the linear gate's rows: few_shot (from router_samples) or data_free
     "router_samples": None,  # {model: file}: sample lines (text) or images (.npy) per model
     "router_holdout": 0.2,  # share of each model's sample lines held out to measure routing
+    "dense": None,  # linear layers not upcycled: regmean (methods/regmean.py, from the
+    # router_samples) or mean; default regmean when router_samples are given, else mean
+    "regmean_alpha": 0.9,  # RegMean's shrinkage of the Gram matrices' off-diagonal terms
+    "vocabulary": None,  # token rows: usage (weighted by the samples' use, methods/vocabulary.py)
+    # or mean; default usage when router_samples are given, else mean
     "align": True,
 }
 
@@ -178,6 +185,8 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
         pacer["router_samples"] = _router_samples(pacer["router_samples"], entries, base_dir,
                                                   f"{label}: pacer.router_samples")
         pacer["router"] = _router(pacer, f"{label}: pacer.router")
+        pacer["vocabulary"] = _vocabulary(pacer, f"{label}: pacer.vocabulary")
+        pacer["dense"] = _dense_rule(pacer, f"{label}: pacer.dense")
     if method != "pacer" and "align" in given_pacer:
         raise PacerError(f"{label}: pacer.align is read by method pacer only; for method "
                          f"{method} write align: {str(given_pacer['align']).lower()} at the top "
@@ -310,6 +319,8 @@ def _check_pacer(p: dict, where: str) -> None:
     if not 0 <= _number(p["expert_distance"], f"{where}.expert_distance") <= 2:
         raise PacerError(f"{where}.expert_distance must be in [0, 2] (a cosine distance), got "
                          f"{p['expert_distance']}")
+    if not 0 <= _number(p["regmean_alpha"], f"{where}.regmean_alpha") <= 1:
+        raise PacerError(f"{where}.regmean_alpha must be in [0, 1], got {p['regmean_alpha']}")
     if not 0 <= _number(p["router_holdout"], f"{where}.router_holdout") < 1:
         raise PacerError(f"{where}.router_holdout must be in [0, 1), got {p['router_holdout']}")
     if _number(p["router_temperature"], f"{where}.router_temperature") <= 0:
@@ -368,6 +379,32 @@ def _router(pacer: dict, where: str) -> str | None:
         raise PacerError(f"{where}: few_shot needs pacer.router_samples ({{model: file of "
                          "sample lines}}); or use router: data_free")
     return router
+
+
+def _vocabulary(pacer: dict, where: str) -> str:
+    """How token rows merge: ``usage`` needs the samples that measure it."""
+    rule = pacer["vocabulary"]
+    if rule is None:
+        return "usage" if pacer["router_samples"] else "mean"
+    if rule not in VOCABULARY_RULES:
+        raise PacerError(f"{where}: expected one of {', '.join(VOCABULARY_RULES)}, got {rule!r}")
+    if rule == "usage" and not pacer["router_samples"]:
+        raise PacerError(f"{where}: usage needs pacer.router_samples ({{model: file of sample "
+                         "lines}}) to count which tokens each model uses; or use mean")
+    return rule
+
+
+def _dense_rule(pacer: dict, where: str) -> str:
+    """How the linear layers that are not upcycled merge: ``regmean`` needs the samples."""
+    rule = pacer["dense"]
+    if rule is None:
+        return "regmean" if pacer["router_samples"] else "mean"
+    if rule not in DENSE_RULES:
+        raise PacerError(f"{where}: expected one of {', '.join(DENSE_RULES)}, got {rule!r}")
+    if rule == "regmean" and not pacer["router_samples"]:
+        raise PacerError(f"{where}: regmean needs pacer.router_samples ({{model: file of sample "
+                         "lines}}): it fits each layer to the models' own inputs; or use mean")
+    return rule
 
 
 def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,

@@ -49,9 +49,11 @@ from .calibration import (PSEUDO_LENGTH, PSEUDO_SEQUENCES, RouterCalibration, Sa
                           activation_bytes, image_samples, pseudo_samples, text_samples,
                           text_tokenizer, token_distributions)
 from .lock import LOCK_FILE, OutputLock
+from .regmean_pass import INPUT_OF_ROLE, OwnSamples, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
+from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed, check_run
 from .sizes import format_size
@@ -278,6 +280,10 @@ class MergeJob:
         self.router_kind: str | None = None  # few_shot | data_free | abs_deviation, once decided
         self.router_report: dict | None = None
         self.real_samples: SampleSet | None = None  # the plan's sample lines, once read
+        self.vocab_rows: dict[str, torch.Tensor] = {}  # token-row tensor -> r_k(t) [N, V]
+        self.vocab_report: dict | None = None
+        self.regmean_names: set[str] = set()  # tensors the RegMean pass solved, once it ran
+        self.regmean_solved = None  # their zarr group in the run state
         self._set_layout(None)
         self.summary = RunSummary(self.out_dir, budget=self.budget)
         self.perms: dict[int, dict[str, torch.Tensor]] = {}  # by input index, once aligned
@@ -423,6 +429,8 @@ class MergeJob:
             return self._write_aligned(state, start, quiet)
         if self.upcycling:
             self._upcycle(state, quiet)
+        if self._uses_regmean():
+            self._regmean(state, quiet)
         writer = ShardWriter(self.out_dir, self.shards)
         units = self.models.graph.units
         todo = [u for u in units if not state.is_done(u.name)]
@@ -646,11 +654,82 @@ class MergeJob:
             "sequences": {"fit": int(samples.fit.sum()), "held_out": int(samples.held_out.sum())}}
         state.group.attrs["router_report"] = self.router_report
 
+    def _uses_regmean(self) -> bool:
+        return self.config.method == "pacer" and self.config.pacer.get("dense") == "regmean" \
+            and self.real_samples is not None
+
+    def _regmean_targets(self) -> dict[int, dict[str, str]]:
+        """Per block, the linear weights RegMean solves and the input each reads (the MLP of
+        an upcycled block becomes experts instead)."""
+        upcycled = set(self.layout.upcycled) if self.layout is not None else set()
+        targets: dict[int, dict[str, str]] = {}
+        for unit in self.models.graph.units:
+            if unit.layer is None:
+                continue
+            for name in unit.tensors:
+                role = self.models.graph.nodes[name].role
+                info = self.anchor.tensors[name]
+                if role not in INPUT_OF_ROLE or len(info.shape) != 2 or not info.is_float:
+                    continue
+                if role.startswith("mlp.") and unit.layer in upcycled:
+                    continue
+                targets.setdefault(unit.layer, {})[name] = INPUT_OF_ROLE[role]
+        return targets
+
+    def _regmean(self, state: RunState, quiet: bool) -> None:
+        """The RegMean pass (regmean_pass.py): solutions stored in the run state."""
+        from .runtime.blocks import BlockModel
+
+        group = state.group.require_group("regmean")
+        solved = group.require_group("solved")
+        self.regmean_solved = solved
+        targets = self._regmean_targets()
+        config = self.anchor.config
+        model = BlockModel.from_config(config, self.anchor.tensors.keys(),
+                                       mlp_chunk=max(self.models.graph.dims.get("mlp", 1), 1))
+        real = self.real_samples
+        samples = []
+        for k in range(len(self.models.models)):
+            rows = real.model == k
+            width = int(real.lengths[rows].max())
+            inputs = real.inputs[rows][:, :width] if real.inputs.dim() == 2 else real.inputs[rows]
+            samples.append(OwnSamples(inputs, real.lengths[rows]))
+
+        def reader(k: int):
+            def read(name: str) -> torch.Tensor:
+                self.summary.read_bytes += self.anchor.tensors[name].nbytes
+                return self._read_model(k, name, None)
+            return read
+
+        out_dtype = {n: DTYPES[self.out[n].dtype][0] for layer in targets.values() for n in layer}
+
+        def store(name: str, w: torch.Tensor) -> None:
+            data = w.to(out_dtype[name]).contiguous()
+            bits = data.view(BITS_OF_SIZE[data.element_size()]).numpy()
+            array = solved.create_array(_zarr_key(name), shape=bits.shape, dtype=bits.dtype,
+                                        chunks=bits.shape, overwrite=True)
+            array[...] = bits
+
+        stage = RegMeanPass(model, [reader(k) for k in range(len(self.models.models))], samples,
+                            self.params.weights, targets, self.config.pacer["regmean_alpha"],
+                            store, PassCheckpoint(group.require_group("pass")))
+        with tqdm(total=stage.last_layer + 1, unit="block", desc="RegMean", disable=quiet,
+                  file=sys.stderr) as bar:
+            stage.run(on_layer=lambda: bar.update(1))
+        self.regmean_names = {n for layer in targets.values() for n in layer}
+
+    def _write_solved(self, name: str, writer: ShardWriter) -> None:
+        """A RegMean solution, stored in the output dtype, into the output."""
+        bits = torch.from_numpy(self.regmean_solved[_zarr_key(name)][...])
+        writer.write(name, bits.view(DTYPES[self.out[name].dtype][0]))
+
     def load_router_samples(self) -> None:
         """Read and tokenize the plan's sample lines, before the run touches the disk, so a
         bad sample file is refused with nothing written."""
         pacer = self.config.pacer
-        files, real = pacer["router_samples"] if self.upcycling else None, None
+        reads = self.upcycling or pacer.get("vocabulary") == "usage" \
+            or pacer.get("dense") == "regmean"
+        files, real = pacer["router_samples"] if reads else None, None
         if files:
             if self.models.spec.family == "vit":
                 dims = self.anchor.config
@@ -663,6 +742,52 @@ class MergeJob:
                 real = text_samples(files, tokenize, pacer["router_holdout"])
         self.real_samples = real
         self._check_calibration_fits()
+        self._check_regmean_fits()
+        self._set_vocabulary_rows()
+
+    def _set_vocabulary_rows(self) -> None:
+        """pacer.vocabulary usage: the row weights r_k(t) of methods/vocabulary.py for every
+        token-row tensor (the embedding table, an untied LM head), from the sample tokens."""
+        self.vocab_rows, self.vocab_report = {}, None
+        if self.config.method != "pacer" or self.config.pacer.get("vocabulary") != "usage" \
+                or self.real_samples is None or self.models.spec.family == "vit":
+            return
+        names = [n for n, node in self.models.graph.nodes.items()
+                 if node.role in VOCABULARY_ROLES and n in self.anchor.tensors]
+        if not names:
+            return
+        vocab = self.anchor.tensors[names[0]].shape[0]
+        real = self.real_samples
+        counts = token_usage(real.inputs, real.lengths, real.model, len(self.models.models), vocab)
+        try:
+            weights = row_weights(counts, self.params.weights)
+        except ValueError:
+            raise PacerError("pacer.vocabulary usage: a model's sample file has no token; give "
+                             "every model sample lines, or use vocabulary: mean") from None
+        if not self.params.normalize:
+            weights = weights * sum(self.params.weights)
+        self.vocab_rows = {n: weights.float() for n in names
+                           if self.anchor.tensors[n].shape[:1] == (vocab,)}
+        self.vocab_report = {"rule": "usage", "tensors": sorted(self.vocab_rows),
+                             **usage_summary(counts)}
+
+    def _check_regmean_fits(self) -> None:
+        """The RegMean pass holds every model's sample activations and one block's Gram
+        matrices (regmean_pass.block_bytes): refuse up front a budget that cannot."""
+        if not self._uses_regmean():
+            return
+        real = self.real_samples
+        shapes = {n: tuple(info.shape) for n, info in self.anchor.tensors.items()}
+        widest = max((block_bytes(t, shapes) for t in self._regmean_targets().values()),
+                     default=0)
+        need = activation_bytes(len(real.inputs), real.width,
+                                self.models.graph.dims["residual"]) + widest
+        if need > acct.usable(self.budget):
+            raise PacerError(f"the RegMean pass needs {format_size(need)} for the samples' "
+                             f"hidden states and one block's Gram matrices, more than "
+                             f"--max-memory {format_size(self.budget)} leaves for tensors; use "
+                             "fewer or shorter sample lines, pacer.dense: mean, or a budget "
+                             f"of at least {format_size(acct.budget_for(need))}")
 
     def _check_calibration_fits(self) -> None:
         """The calibration stage keeps the samples' hidden states in memory (beside one
@@ -876,6 +1001,7 @@ class MergeJob:
             "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
             "align": self.align_report,
             "pacer": self._pacer_report(),
+            "vocabulary": self.vocab_report,
             **self._method_report(),
         }
         self.summary.pacer = report["pacer"]
@@ -969,7 +1095,10 @@ class MergeJob:
             self._check_equal(name, copies)
             writer.write(name, copies[0])
             return sum(c.numel() * c.element_size() for c in copies)
-        merge = TensorMerge(name, info.shape, self.params)
+        if name in self.regmean_names:
+            self._write_solved(name, writer)
+            return 0
+        merge = TensorMerge(name, info.shape, self.params, self.vocab_rows.get(name))
         ranges = self._ranges(name)
         read = 0
         split = None
@@ -1034,6 +1163,14 @@ class MergeJob:
                                  f"{self.anchor.label}; non-float and passthrough tensors are "
                                  "copied and must be equal across models")
         self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
+
+
+BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _zarr_key(name: str) -> str:
+    """A tensor name as one zarr array name (no path separators)."""
+    return name.replace("/", "%2F")
 
 
 def aligned_folder(k: int, label: str) -> str:

@@ -45,6 +45,7 @@ import torch
 
 from ..errors import PacerError
 from .sparsify import MagnitudeSelect, dare_keep, magnitude_bits
+from .vocabulary import merge_rows
 
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
 
@@ -119,8 +120,13 @@ class TensorMerge:
     is one slice, split once and kept in memory across the passes.
     """
 
-    def __init__(self, name: str, shape: tuple[int, ...], params: MethodParams) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], params: MethodParams,
+                 row_weights: torch.Tensor | None = None) -> None:
         self.name, self.shape, self.p = name, shape, params
+        if row_weights is not None and not params.method.linear:
+            raise PacerError(f"{name}: per-row weights (pacer.vocabulary usage) need the "
+                             f"linear rule, not {params.method.name}")
+        self.row_weights = row_weights  # [N, rows]: vocabulary.py's r_k(t), else None
         numel = 1
         for d in shape:
             numel *= d
@@ -181,6 +187,8 @@ class TensorMerge:
         """Merged rows (fp32) from the split of one slice; ``d`` is consumed."""
         p, m = self.p, self.p.method
         n = d.shape[0]
+        if m.linear and self.row_weights is not None:  # token rows by usage (vocabulary.py)
+            return merge_rows(d, self.row_weights[:, rows[0]:rows[1]])
         if m.linear:  # here d holds the models themselves
             out = d[0] * p.weights[0]
             for k in range(1, n):

@@ -336,6 +336,9 @@ class BlockModel:
     num_layers: int
     hidden_size: int
     mlp_chunk: int = MLP_CHUNK
+    # (module, input) before each linear layer of a block is applied, when set: the RegMean
+    # pass (regmean_pass.py) collects its inputs' Gram matrices this way.
+    observer: Callable[[str, torch.Tensor], None] | None = None
 
     @classmethod
     def from_config(cls, config: dict, names: Iterable[str] | None = None,
@@ -424,6 +427,11 @@ class BlockModel:
         b_up = get(up + ".bias") if bias else None
         b_gate = get(gate + ".bias") if bias and gate else None
         out = x.new_zeros(*x.shape[:-1], w_down.shape[0])
+        if self.observer is not None:
+            if w_up.shape[0] > self.mlp_chunk:
+                raise ValueError("an observed MLP must run in one chunk (mlp_chunk >= width)")
+            for module in (up, gate) if gate else (up,):
+                self.observer(module, x)
         for lo in range(0, w_up.shape[0], self.mlp_chunk):
             rows = slice(lo, lo + self.mlp_chunk)
             h = F.linear(x, fp32(w_up[rows], x), None if b_up is None else fp32(b_up[rows], x))
@@ -433,6 +441,8 @@ class BlockModel:
                 h = act(g) * h
             else:
                 h = act(h)
+            if self.observer is not None:
+                self.observer(down, h)
             out += F.linear(h, fp32(w_down[:, rows], x))
         if bias:
             out += fp32(get(down + ".bias"), x)
@@ -471,6 +481,8 @@ class DecoderBlocks(BlockModel):
         return fp32(get(name), like)
 
     def _linear(self, get: Getter, x: torch.Tensor, module: str, bias: bool) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(module, x)
         b = self._w(get, module + ".bias", x) if bias else None
         return F.linear(x, self._w(get, module + ".weight", x), b)
 
@@ -605,6 +617,8 @@ class VitBlocks(BlockModel):
 
     def _linear(self, get: Getter, x: torch.Tensor, module: str,
                 bias: bool = True) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(module, x)
         b = self._w(get, module + ".bias", x) if bias else None
         return F.linear(x, self._w(get, module + ".weight", x), b)
 
