@@ -25,17 +25,8 @@ Which sequences fit the gate (methods/gate.py has the formula):
 * ``few_shot``: the user's sample lines of every model (``pacer.router_samples``), minus
   a held-out share (``pacer.router_holdout``, every 5th line by default) on which the
   routing accuracy per block is measured and reported;
-* ``data_free``: pseudo-samples drawn from the models' own embedding tables. Fine-tuning
-  moves the embedding row of a token only when the token occurs in the training data, so
-  how far model k moved token t tells how typical t is of k's data::
-
-      w_k(t) = ‖E_k[t] − Ê[t]‖²         Ê: the base's embeddings, else the models' element-wise median
-      q_k(t) ∝ max(w_k(t) − median_j w_j(t), 0)
-
-  and the pseudo-samples of model k are sequences of tokens drawn i.i.d. from q_k (fixed
-  generator seeds). It needs a base or at least three models (for two, both models'
-  deviations from their median are equal), and a token embedding table. With sample
-  lines given as well, they are used only to measure the data-free gate's accuracy.
+* ``data_free``: the sequences each model generates itself (self_samples.py), minus the
+  same held-out share; with sample lines given as well, those only measure the gate.
 
 Resumable: after each block the hidden states and the accuracies so far are saved
 (:class:`~pacer_stream.state.PassCheckpoint`); a resumed run continues from the next
@@ -56,10 +47,8 @@ import torch
 
 from . import failpoints
 from .errors import PacerError
-from .methods.dense import median
 from .methods.gate import fit_gate, routing_accuracy
 from .runtime.router import read_lines as router_lines
-from .seeding import generator
 from .state import PassCheckpoint
 
 if TYPE_CHECKING:
@@ -67,8 +56,6 @@ if TYPE_CHECKING:
 
 MAX_LINES = 512  # sample lines per model (the rest are ignored; say so in the report)
 MAX_TOKENS = 256  # tokens per sample line
-PSEUDO_SEQUENCES = 48  # data-free pseudo-samples per model
-PSEUDO_LENGTH = 64
 ATTENTION_BATCH = 16  # sequences per attention call: bounds the T × T scores
 # fp32 copies of the samples' hidden states alive at once: h, the attention output, the
 # MLP input u and the MLP output (the last two over chunks, counted whole to be safe)
@@ -179,42 +166,6 @@ def image_samples(files: dict[int, Path], holdout: float, tokens: int) -> Sample
     inputs = torch.cat(arrays)
     return SampleSet(inputs, torch.full((len(inputs),), tokens), torch.tensor(models),
                      ~held_t, held_t)
-
-
-def token_distributions(embeddings: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-    """q_k(t) [N, V] (module docstring), from each model's embedding table [V, d] fp32."""
-    stacked = torch.stack(embeddings)
-    centre = base if base is not None else median(stacked)
-    moved = (stacked - centre).pow(2).sum(-1)  # w_k(t) [N, V]
-    typical = (moved - median(moved)).clamp_min(0)
-    return typical
-
-
-def pseudo_samples(q: torch.Tensor, seed: int, real: SampleSet | None) -> SampleSet:
-    """PSEUDO_SEQUENCES sequences per model drawn from q_k; ``real`` lines only measure."""
-    n = q.shape[0]
-    rows = []
-    for k in range(n):
-        if float(q[k].sum()) <= 0:
-            raise PacerError(f"data-free router: model {k}'s embeddings do not differ from the "
-                             "others' anywhere; give pacer.router_samples")
-        gen = generator(seed, "pseudo-samples", k)
-        rows.append(torch.multinomial(q[k].double(), PSEUDO_SEQUENCES * PSEUDO_LENGTH,
-                                      replacement=True, generator=gen)
-                    .reshape(PSEUDO_SEQUENCES, PSEUDO_LENGTH))
-    inputs = torch.cat(rows)
-    models = torch.arange(n).repeat_interleave(PSEUDO_SEQUENCES)
-    lengths = torch.full((len(inputs),), PSEUDO_LENGTH)
-    fit = torch.ones(len(inputs), dtype=torch.bool)
-    held = torch.zeros(len(inputs), dtype=torch.bool)
-    if real is None:
-        return SampleSet(inputs, lengths, models, fit, held)
-    width = max(inputs.shape[1], real.inputs.shape[1])
-    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
-    return SampleSet(torch.cat([pad(inputs), pad(real.inputs)]),
-                     torch.cat([lengths, real.lengths]), torch.cat([models, real.model]),
-                     torch.cat([fit, torch.zeros_like(real.fit)]),
-                     torch.cat([held, real.held_out | real.fit]), real.note)
 
 
 # -- reading the written blocks ---------------------------------------------------------------

@@ -385,12 +385,13 @@ def _vocabulary(pacer: dict, where: str) -> str:
     """How token rows merge: ``usage`` needs the samples that measure it."""
     rule = pacer["vocabulary"]
     if rule is None:
-        return "usage" if pacer["router_samples"] else "mean"
+        return "usage" if _has_samples(pacer) else "mean"
     if rule not in VOCABULARY_RULES:
         raise PacerError(f"{where}: expected one of {', '.join(VOCABULARY_RULES)}, got {rule!r}")
-    if rule == "usage" and not pacer["router_samples"]:
-        raise PacerError(f"{where}: usage needs pacer.router_samples ({{model: file of sample "
-                         "lines}}) to count which tokens each model uses; or use mean")
+    if rule == "usage" and not _has_samples(pacer):
+        raise PacerError(f"{where}: usage needs samples to count which tokens each model uses: "
+                         "pacer.router_samples ({model: file of sample lines}) or router: "
+                         "data_free (each model writes its own); or use mean")
     return rule
 
 
@@ -398,13 +399,19 @@ def _dense_rule(pacer: dict, where: str) -> str:
     """How the linear layers that are not upcycled merge: ``regmean`` needs the samples."""
     rule = pacer["dense"]
     if rule is None:
-        return "regmean" if pacer["router_samples"] else "mean"
+        return "regmean" if _has_samples(pacer) else "mean"
     if rule not in DENSE_RULES:
         raise PacerError(f"{where}: expected one of {', '.join(DENSE_RULES)}, got {rule!r}")
-    if rule == "regmean" and not pacer["router_samples"]:
-        raise PacerError(f"{where}: regmean needs pacer.router_samples ({{model: file of sample "
-                         "lines}}): it fits each layer to the models' own inputs; or use mean")
+    if rule == "regmean" and not _has_samples(pacer):
+        raise PacerError(f"{where}: regmean needs samples to fit each layer to the models' own "
+                         "inputs: pacer.router_samples ({model: file of sample lines}) or "
+                         "router: data_free (each model writes its own); or use mean")
     return rule
+
+
+def _has_samples(pacer: dict) -> bool:
+    """Sample lines given, or the data-free router, whose samples the models write."""
+    return bool(pacer["router_samples"]) or pacer["router"] == "data_free"
 
 
 def _anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,

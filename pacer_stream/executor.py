@@ -45,9 +45,8 @@ from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
-from .calibration import (PSEUDO_LENGTH, PSEUDO_SEQUENCES, RouterCalibration, SampleSet,
-                          activation_bytes, image_samples, pseudo_samples, text_samples,
-                          text_tokenizer, token_distributions)
+from .calibration import (RouterCalibration, SampleSet, TensorCache, activation_bytes,
+                          image_samples, text_samples, text_tokenizer)
 from .lock import LOCK_FILE, OutputLock
 from .regmean_pass import INPUT_OF_ROLE, OwnSamples, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
@@ -56,6 +55,8 @@ from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, rout
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed, check_run
+from .self_samples import end_tokens, generate, measured_on, sample_set, start_token
+from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import format_size
 from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
                     run_state_attributes)
@@ -280,6 +281,7 @@ class MergeJob:
         self.router_kind: str | None = None  # few_shot | data_free | abs_deviation, once decided
         self.router_report: dict | None = None
         self.real_samples: SampleSet | None = None  # the plan's sample lines, once read
+        self.samples: SampleSet | None = None  # what RegMean, token rows and the gate use
         self.vocab_rows: dict[str, torch.Tensor] = {}  # token-row tensor -> r_k(t) [N, V]
         self.vocab_report: dict | None = None
         self.regmean_names: set[str] = set()  # tensors the RegMean pass solved, once it ran
@@ -427,6 +429,8 @@ class MergeJob:
             self._align(state, quiet)
         if self.config.align == "only":
             return self._write_aligned(state, start, quiet)
+        if self._generates():
+            self._generate(state, quiet)
         if self.upcycling:
             self._upcycle(state, quiet)
         if self._uses_regmean():
@@ -615,10 +619,50 @@ class MergeJob:
             return "abs_deviation"  # a per-input router: the gate rows are not used alone
         if pacer["router"] == "few_shot":
             return "few_shot"
-        if self._embedding_name() is None or (self.models.base is None
-                                              and len(self.models.models) < 3):
-            return "abs_deviation"  # data-free needs token embeddings and a base or N >= 3
+        if not self._generates():
+            return "abs_deviation"  # no model that writes text (ViT): the weight-only router
         return "data_free"
+
+    def _generates(self) -> bool:
+        """Data-free: the samples are ones each model writes (self_samples.py); decoders only."""
+        return self.config.method == "pacer" and self.config.pacer["router"] == "data_free" \
+            and self.models.spec.family != "vit" and self._embedding_name() is not None
+
+    def _generate(self, state: RunState, quiet: bool) -> None:
+        """Every model's own samples (self_samples.py), kept in the run state per model."""
+        from .runtime.blocks import BlockModel
+
+        group = state.group.require_group("generated")
+        config = self.anchor.config
+        tokenize = text_tokenizer(self.anchor.files.read_text("tokenizer.json"), "") \
+            if self.anchor.files.has("tokenizer.json") else None
+        start, ends = start_token(config, tokenize), end_tokens(config)
+        generated = []
+        with tqdm(total=len(self.models.models) * GENERATED_LENGTH, unit="token",
+                  desc="data-free samples", disable=quiet, file=sys.stderr) as bar:
+            for k, index in enumerate(self.models.models):
+                if f"tokens{k}" in group.attrs.get("done", []):
+                    tokens = torch.from_numpy(group[f"tokens{k}"][...])
+                    lengths = torch.from_numpy(group[f"lengths{k}"][...])
+                    bar.update(GENERATED_LENGTH)
+                else:
+                    def read(name: str, index=index) -> torch.Tensor:
+                        self.summary.read_bytes += index.tensors[name].nbytes
+                        return index.read(name, None)
+
+                    model = BlockModel.from_config(index.config, index.tensors.keys())
+                    get = TensorCache(read, max(acct.usable(self.budget) // 2, 1 << 26))
+                    tokens, lengths = generate(model, get, start, ends, self.config.seed, k,
+                                               on_step=lambda: bar.update(1))
+                    for name, values in ((f"tokens{k}", tokens), (f"lengths{k}", lengths)):
+                        group.create_array(name, shape=tuple(values.shape), dtype="int64",
+                                           overwrite=True)[...] = values.numpy()
+                    group.attrs["done"] = [*group.attrs.get("done", []), f"tokens{k}"]
+                    failpoints.hit("generated-model")
+                generated.append((tokens, lengths))
+        self.samples = sample_set(generated, self.config.pacer["router_holdout"])
+        self._check_regmean_fits()
+        self._set_vocabulary_rows()
 
     def _embedding_name(self) -> str | None:
         if self.models.spec.family == "vit":
@@ -656,7 +700,7 @@ class MergeJob:
 
     def _uses_regmean(self) -> bool:
         return self.config.method == "pacer" and self.config.pacer.get("dense") == "regmean" \
-            and self.real_samples is not None
+            and (self.samples is not None or self._generates())
 
     def _regmean_targets(self) -> dict[int, dict[str, str]]:
         """Per block, the linear weights RegMean solves and the input each reads (the MLP of
@@ -687,7 +731,7 @@ class MergeJob:
         config = self.anchor.config
         model = BlockModel.from_config(config, self.anchor.tensors.keys(),
                                        mlp_chunk=max(self.models.graph.dims.get("mlp", 1), 1))
-        real = self.real_samples
+        real = self.samples
         samples = []
         for k in range(len(self.models.models)):
             rows = real.model == k
@@ -741,6 +785,7 @@ class MergeJob:
                                           if has else None, self.anchor.label)
                 real = text_samples(files, tokenize, pacer["router_holdout"])
         self.real_samples = real
+        self.samples = None if self._generates() else real  # generated in the run, else
         self._check_calibration_fits()
         self._check_regmean_fits()
         self._set_vocabulary_rows()
@@ -750,14 +795,14 @@ class MergeJob:
         token-row tensor (the embedding table, an untied LM head), from the sample tokens."""
         self.vocab_rows, self.vocab_report = {}, None
         if self.config.method != "pacer" or self.config.pacer.get("vocabulary") != "usage" \
-                or self.real_samples is None or self.models.spec.family == "vit":
+                or self.samples is None or self.models.spec.family == "vit":
             return
         names = [n for n, node in self.models.graph.nodes.items()
                  if node.role in VOCABULARY_ROLES and n in self.anchor.tensors]
         if not names:
             return
         vocab = self.anchor.tensors[names[0]].shape[0]
-        real = self.real_samples
+        real = self.samples
         counts = token_usage(real.inputs, real.lengths, real.model, len(self.models.models), vocab)
         try:
             weights = row_weights(counts, self.params.weights)
@@ -776,12 +821,15 @@ class MergeJob:
         matrices (regmean_pass.block_bytes): refuse up front a budget that cannot."""
         if not self._uses_regmean():
             return
-        real = self.real_samples
+        if self.samples is not None:
+            sequences, width = len(self.samples.inputs), self.samples.width
+        else:  # data-free, before generation
+            sequences = len(self.models.models) * GENERATED_SEQUENCES
+            width = 1 + GENERATED_LENGTH
         shapes = {n: tuple(info.shape) for n, info in self.anchor.tensors.items()}
         widest = max((block_bytes(t, shapes) for t in self._regmean_targets().values()),
                      default=0)
-        need = activation_bytes(len(real.inputs), real.width,
-                                self.models.graph.dims["residual"]) + widest
+        need = activation_bytes(sequences, width, self.models.graph.dims["residual"]) + widest
         if need > acct.usable(self.budget):
             raise PacerError(f"the RegMean pass needs {format_size(need)} for the samples' "
                              f"hidden states and one block's Gram matrices, more than "
@@ -797,9 +845,9 @@ class MergeJob:
             return
         real = self.real_samples
         sequences, width = (len(real.inputs), real.width) if real else (0, 0)
-        if self._router_kind() == "data_free":  # pseudo-samples join the lines, padded alike
-            sequences += len(self.models.models) * PSEUDO_SEQUENCES
-            width = max(width, PSEUDO_LENGTH)
+        if self._router_kind() == "data_free":  # generated samples join the lines
+            sequences += len(self.models.models) * GENERATED_SEQUENCES
+            width = max(width, 1 + GENERATED_LENGTH)
         need = activation_bytes(sequences, width, self.models.graph.dims["residual"])
         if need > acct.usable(self.budget) // 2:
             raise PacerError(f"the router samples' hidden states take {format_size(need)}, more "
@@ -808,22 +856,13 @@ class MergeJob:
                              f"budget to at least {format_size(acct.budget_for(2 * need))}")
 
     def _router_samples(self) -> SampleSet:
-        """The sequences of calibration.py: the sample lines, or data-free pseudo-samples."""
+        """The sequences of calibration.py: the sample lines, or the generated samples (the
+        sample lines, when given too, only measure the data-free gate)."""
         if self.router_kind == "few_shot":
             return self.real_samples
-        return pseudo_samples(self._token_distributions(), self.config.seed, self.real_samples)
-
-    def _token_distributions(self) -> torch.Tensor:
-        """q_k(t) of calibration.py, from the embedding tables read in row slices."""
-        name = self._embedding_name()
-        parts = []
-        base = len(self.models.models) if self.models.base is not None else None
-        for rows in self._ranges(name, copies=len(self.inputs) + 2):
-            tables = [self._read_model(k, name, rows).float() for k in range(len(self.models.models))]
-            centre = self._read_model(base, name, rows).float() if base is not None else None
-            parts.append(token_distributions(tables, centre))
-            self.summary.read_bytes += self._nbytes(name, rows)
-        return torch.cat(parts, dim=1)
+        if self.real_samples is not None:
+            return measured_on(self.samples, self.real_samples)
+        return self.samples
 
     def _pacer_report(self) -> dict | None:
         """Per-block interference, the decision and the parameter accounting."""
@@ -1002,10 +1041,21 @@ class MergeJob:
             "align": self.align_report,
             "pacer": self._pacer_report(),
             "vocabulary": self.vocab_report,
+            "dense": self._dense_report(),
             **self._method_report(),
         }
         self.summary.pacer = report["pacer"]
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
+
+    def _dense_report(self) -> dict | None:
+        """PACER's rule for the linear layers it did not upcycle, and from which samples."""
+        if self.config.method != "pacer":
+            return None
+        if not self.regmean_names:
+            return {"rule": "mean"}
+        return {"rule": "regmean", "alpha": self.config.pacer["regmean_alpha"],
+                "tensors": len(self.regmean_names), "samples": self.samples.note or
+                "the sample lines of pacer.router_samples"}
 
     def _method_report(self) -> dict:
         """Sections a method adds to pacer_report.json (Split-Merge: its k, c_t and memory)."""

@@ -19,6 +19,7 @@ from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
 from .methods.consensus import part_of
 from .methods.dense import pacer_dense
+from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import at_least, format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
@@ -177,11 +178,9 @@ def _router(config: PlanConfig) -> str | None:
                 "held out" if samples and pacer["router"] == "few_shot" else
                 "; routing measured on the sample lines" if samples else "")
     source = f"fitted to the sample lines of {len(samples)} models" \
-        if pacer["router"] == "few_shot" else "data-free, from the models' embedding tables"
-    if pacer["router"] == "data_free" and config.base_model is None and len(config.models) < 3:
-        source = ("from the weights alone (prototypes of |E_m - consensus|; the data-free "
-                  "router needs a base model or three models), routes poorly: give "
-                  "pacer.router_samples")
+        if pacer["router"] == "few_shot" else (
+            f"fitted to samples each model generates ({GENERATED_SEQUENCES} x "
+            f"{GENERATED_LENGTH} tokens)")
     return f"{pacer['router']}: gate rows {source}{measured}"
 
 
@@ -309,12 +308,36 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
     return works
 
 
+def _sample_stages(config: PlanConfig, graph: MergeGraph, merge_read: int) -> list[StagePlan]:
+    """PACER's sample passes before the merge: data-free generation (self_samples.py) and
+    RegMean (regmean_pass.py). Each reads every model's blocks once; generation re-reads a
+    model once per token when it does not fit the tensor cache (half the usable budget),
+    which the budget cannot be known for here: the estimate assumes it fits."""
+    if config.method != "pacer":
+        return []
+    pacer, stages = config.pacer, []
+    params = merge_read / 2 / max(len(config.models), 1)  # ~parameters of one model
+    cpu_gpu = (("cpu", acct.CPU), ("gpu", acct.GPU))
+    text = graph.spec.family != "vit"
+    if pacer["router"] == "data_free" and text:
+        flops = 2 * params * GENERATED_SEQUENCES * GENERATED_LENGTH * len(config.models)
+        stages.append(StagePlan("generate", 1, merge_read, 0, {
+            dev: merge_read / rate.disk_read + flops / rate.gemm_flops for dev, rate in cpu_gpu}))
+    if pacer["dense"] == "regmean" and (pacer["router_samples"] or text):
+        tokens = GENERATED_SEQUENCES * (1 + GENERATED_LENGTH)  # per model, about
+        flops = 4 * params * tokens * len(config.models)  # forward + Gram and solve terms
+        stages.append(StagePlan("regmean", 1, merge_read, 0, {
+            dev: merge_read / rate.disk_read + flops / rate.gemm_flops for dev, rate in cpu_gpu}))
+    return stages
+
+
 def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
             aligning: bool, consensus_read: int) -> list[StagePlan]:
     merge_read = sum(u.merge_read_bytes for u in units)
     write = sum(u.write_bytes for u in units)
     elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
     stages = []
+    sample = {st.name: st for st in _sample_stages(config, graph, merge_read)}
     if aligning:
         # Sweeps stop when the residual permutation stops changing, which headers cannot
         # predict: estimate the usual count, and show the cap beside it.
@@ -329,10 +352,12 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
                                    + lap * rate.lap_coeff / acct.CPU.lap_coeff)
                    for name, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan("align", sweeps, sweeps * read, 0, seconds, max_passes=cap))
+    stages += [sample[n] for n in ("generate",) if n in sample]  # the run's order
     if consensus_read:  # PACER's statistics pass over every block's MLP and attention
         seconds = {dev: consensus_read / rate.disk_read + consensus_read / 2 / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan("consensus", 1, consensus_read, 0, seconds))
+    stages += [sample[n] for n in ("regmean",) if n in sample]
     passes = {"split_merge": list(SPLIT_PASSES)}.get(config.method, ["merge"])
     density = float(config.parameters.get("density", 1.0))
     for name in passes:

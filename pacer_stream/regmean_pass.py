@@ -19,7 +19,7 @@ their MLPs as experts, so only their attention is solved here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -28,6 +28,9 @@ from .errors import PacerError
 from .calibration import ATTENTION_BATCH, TOKEN_CHUNK
 from .methods.regmean import RegMeanSum, gram, shrink
 from .state import PassCheckpoint
+
+if TYPE_CHECKING:
+    from .runtime.blocks import BlockModel
 
 Reader = Callable[[str], torch.Tensor]
 # The linear layers RegMean solves, by arch role, and which input they read.

@@ -185,6 +185,7 @@ def test_aligned_linear_merge_of_permuted_twin_is_the_anchor(fixtures_dir, tmp_p
     assert peer["kinds"]["mlp"]["moved"] > 0
 
 
+@pytest.mark.slow
 def test_align_only_writes_the_rebased_peer(fixtures_dir, tmp_path):
     base = fixtures_dir / "bert"
     plan = tmp_path / "plan.yaml"
@@ -357,6 +358,7 @@ def test_sliced_reads_of_a_permuted_peer_match_whole_reads(fixtures_dir, tmp_pat
             assert torch.equal(job._read_model(1, name, (start, stop)), whole[start:stop]), name
 
 
+@pytest.mark.slow
 def test_lowest_magnitude_anchor(fixtures_dir, tmp_path):
     """The model with the smallest mean |w| anchors; the choice is kept in the run state."""
     from safetensors.torch import save_file

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pacer_stream.calibration import held_out_lines, token_distributions
+from pacer_stream.calibration import held_out_lines
 from pacer_stream.methods.consensus import PartStats
 from pacer_stream.methods.dense import MethodParams, TensorMerge, median
 from pacer_stream.methods.gate import (balanced_cross_entropy, class_weights, discriminant,
@@ -187,15 +187,3 @@ def test_budget_buys_fewer_experts_when_every_model_does_not_fit():
     assert decision.num_experts in (2, 3)
     cheap = decide(mlp, UpcyclePolicy(max_param_growth=1.05), growth)
     assert not cheap.upcycles
-
-
-def test_token_distributions_find_each_models_tokens():
-    gen = torch.Generator().manual_seed(0)
-    table = torch.randn(6, 4, generator=gen)
-    models = [table.clone() for _ in range(3)]
-    models[0][1] += 2.0  # token 1 is model 0's
-    models[1][4] -= 1.0  # token 4 is model 1's
-    q = token_distributions(models, None)
-    assert q[0].argmax() == 1 and q[1].argmax() == 4
-    assert float(q[2].sum()) == 0.0  # model 2 moved nothing
-    assert q[0, 4] == 0 and q[1, 1] == 0

@@ -161,6 +161,7 @@ def test_budget_mode_caps_parameter_growth(tmp_path, fixtures_dir):
     assert 1.0 < report["parameters"]["growth"] <= 1.3
 
 
+@pytest.mark.slow
 def test_disabled_upcycling_keeps_the_source_architecture(tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, enable_moe_upcycle=False)
     assert run_budgeted(plan).returncode == 0

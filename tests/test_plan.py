@@ -50,8 +50,10 @@ def test_tiny_smoke_plan_json(fixtures_dir):
     expected = sum(_file_tensor_bytes(f) for f in folders)
     assert plan["input_bytes"] == expected
     stages = {s["name"]: s for s in plan["stages"]}
-    # a full PACER merge; the router calibration reads back at most the dense output
-    assert list(stages) == ["align", "consensus", "merge", "calibrate"]
+    # a full data-free PACER merge, in the run's order: each model writes its samples, then
+    # RegMean reads every model's blocks once; calibration reads back at most the output
+    assert list(stages) == ["align", "generate", "consensus", "regmean", "merge", "calibrate"]
+    assert stages["generate"]["read_bytes"] == stages["regmean"]["read_bytes"] == expected
     assert stages["calibrate"]["read_bytes"] == plan["write_bytes"]
     assert plan["router"].startswith("data_free")
     assert stages["merge"]["read_bytes"] == expected

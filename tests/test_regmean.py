@@ -242,8 +242,8 @@ def _refused(tmp: Path, plan: Path, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("extra, samples, needle", [
-    (", dense: regmean", False, "regmean needs pacer.router_samples"),
-    (", vocabulary: usage", False, "usage needs pacer.router_samples"),
+    (", dense: regmean", False, "regmean needs samples"),
+    (", vocabulary: usage", False, "usage needs samples"),
     (", dense: ridge", True, "pacer.dense: expected one of regmean, mean"),
     (", vocabulary: most", True, "pacer.vocabulary: expected one of usage, mean"),
     (", regmean_alpha: 1.5", True, "regmean_alpha must be in [0, 1]"),

@@ -136,6 +136,7 @@ def test_mu_is_a_loadable_checkpoint_and_memory_growth_is_reported(merged):
     assert report == {"k": info["k"], "coefficients": info["coefficients"], "memory": memory}
 
 
+@pytest.mark.slow
 def test_the_smallest_budget_that_fits_gives_the_same_result(merged, models, tmp_path):
     """Every tensor here is smaller than one Gram row group, which Split-Merge never
     splits, so this budget holds each whole (the sliced case, on wider models, is

@@ -201,9 +201,9 @@ def _llama3(inv_freq: torch.Tensor, params: dict, config: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [B, H, T, hd] at positions 0..T-1, pairing dim j with j + hd/2."""
-    pos = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
+def rotate(x: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """RoPE on x [B, H, T, hd] at positions start..start+T-1, pairing dim j with j + hd/2."""
+    pos = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
     angles = pos[:, None] * inv_freq.to(x.device)[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     half = x.shape[-1] // 2
@@ -490,7 +490,10 @@ class DecoderBlocks(BlockModel):
         table = get("model.embed_tokens.weight")
         return table[inputs.to(table.device)].to(device=inputs.device, dtype=torch.float32)
 
-    def attention(self, get: Getter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def attention(self, get: Getter, layer: int, hidden: torch.Tensor,
+                  cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """With ``cache`` (layer -> the keys and values of the positions before ``hidden``),
+        ``hidden`` holds the next positions only and the cache grows by them (:meth:`step`)."""
         self._check_layer(layer)
         p = f"model.layers.{layer}."
         x = rms_norm(hidden, self._w(get, p + "input_layernorm.weight", hidden), self.eps)
@@ -504,13 +507,36 @@ class DecoderBlocks(BlockModel):
                              self.eps)
             return y.transpose(1, 2)
 
-        q = rotate(heads("q_proj", self.heads), self.inv_freq)
-        k = rotate(heads("k_proj", self.kv_heads), self.inv_freq)
+        past = cache.get(layer) if cache is not None else None
+        start = past[0].shape[2] if past is not None else 0
+        q = rotate(heads("q_proj", self.heads), self.inv_freq, start)
+        k = rotate(heads("k_proj", self.kv_heads), self.inv_freq, start)
         v = heads("v_proj", self.kv_heads)
-        context = attend(q, k, v, self.head_dim ** -0.5, causal=True,
-                         window=self.windows[layer])
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if cache is not None:
+            cache[layer] = (k, v)
+        window = self.windows[layer]
+        if past is None:
+            context = attend(q, k, v, self.head_dim ** -0.5, causal=True, window=window)
+        else:  # one new position sees every cached one (within its window)
+            if tokens != 1:
+                raise ValueError("a cached attention step takes one position at a time")
+            if window is not None:
+                k, v = k[:, :, -window:], v[:, :, -window:]
+            context = attend(q, k, v, self.head_dim ** -0.5, causal=False)
         context = context.transpose(1, 2).reshape(batch, tokens, -1)
         return hidden + self._linear(get, context, p + "self_attn.o_proj", self.o_bias)
+
+    def step(self, get: Getter, tokens: torch.Tensor,
+             cache: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Next-token logits [B, vocab] after ``tokens`` [B, T]: the whole prefix when
+        ``cache`` is empty, else the one token after the cached positions."""
+        hidden = self.embed(get, tokens)
+        for layer in range(self.num_layers):
+            hidden = self.attention(get, layer, hidden, cache)
+            hidden = hidden + self.mlp(get, layer, self.mlp_input(get, layer, hidden))
+        return self.head(get, hidden[:, -1:])[:, -1]
 
     def mlp_input(self, get: Getter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         self._check_layer(layer)
