@@ -125,6 +125,8 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
             click.echo(line)
         if summary.pacer_line():
             click.echo(summary.pacer_line())
+        if summary.dense_line():
+            click.echo(summary.dense_line())
         routing = routing_line((summary.pacer or {}).get("router"))
         if routing:
             click.echo(routing)

@@ -119,6 +119,7 @@ class RunSummary:
     already_complete: bool = False
     align: dict | None = None  # the report's "align" section, when the run aligned
     pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
+    dense: dict | None = None  # the report's "dense" and "vocabulary" sections (pacer runs)
 
     def align_lines(self) -> list[str]:
         """One line per aligned peer (see :func:`align_lines`)."""
@@ -137,6 +138,20 @@ class RunSummary:
             return f"no MLP block upcycled ({d['note'] or d['mode']}){peak}"
         return (f"upcycled MLP blocks {d['blocks']} to {d['num_experts']} experts (top-{d['top_k']}"
                 f" router) -> {self.pacer['exported_as']}, parameters x{growth:.3f}{peak}")
+
+    def dense_line(self) -> str | None:
+        """PACER's dense rule, when samples changed it from the plain mean."""
+        rule = (self.dense or {}).get("rule") or {}
+        vocabulary = (self.dense or {}).get("vocabulary")
+        if rule.get("rule") != "regmean" and not vocabulary:
+            return None
+        parts = []
+        if rule.get("rule") == "regmean":
+            parts.append(f"{rule['tensors']} linear layers by RegMean (alpha {rule['alpha']})")
+        if vocabulary:
+            parts.append(f"token rows by usage ({vocabulary['rows_used']} of "
+                         f"{vocabulary['rows']} rows seen)")
+        return f"dense layers: {'; '.join(parts)}, from {rule.get('samples', 'the samples')}"
 
     def line(self) -> str:
         if self.already_complete:
@@ -1045,6 +1060,7 @@ class MergeJob:
             **self._method_report(),
         }
         self.summary.pacer = report["pacer"]
+        self.summary.dense = {"rule": report["dense"], "vocabulary": report["vocabulary"]}
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
     def _dense_report(self) -> dict | None:

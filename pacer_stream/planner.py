@@ -160,11 +160,11 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
         reason=None if fits else _too_small(neediest, budget, min_budget),
         write_bytes_max=write_max, min_budget_bytes=min_budget,
         min_budget_reason=f"{neediest.name}: {neediest.min_need_what}",
-        router=_router(config),
+        router=_router(config, models.spec.family),
     )
 
 
-def _router(config: PlanConfig) -> str | None:
+def _router(config: PlanConfig, family: str) -> str | None:
     """One phrase on the routers an upcycling run would write (calibration.py)."""
     pacer = config.pacer
     if config.method != "pacer" or not pacer["enable_moe_upcycle"]:
@@ -181,6 +181,9 @@ def _router(config: PlanConfig) -> str | None:
         if pacer["router"] == "few_shot" else (
             f"fitted to samples each model generates ({GENERATED_SEQUENCES} x "
             f"{GENERATED_LENGTH} tokens)")
+    if pacer["router"] == "data_free" and family == "vit":
+        source = ("from the weights alone (prototypes of |E_m - consensus|: a ViT writes no "
+                  "samples), routes poorly: give pacer.router_samples (.npy images)")
     return f"{pacer['router']}: gate rows {source}{measured}"
 
 

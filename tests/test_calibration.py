@@ -124,6 +124,9 @@ def test_data_free_gate_is_measured_on_the_sample_lines(models, tmp_path):
                                                              extra=", router: data_free"))])
     assert result.exit_code == 0, result.output
     # the CLI says which router was written and how well it routes
+    # and that the dense layers were fitted to the samples the models wrote
+    assert "linear layers by RegMean (alpha 0.9); token rows by usage" in result.output
+    assert "from samples each model generated" in result.output
     assert f"router: data_free; routing accuracy per upcycled block (held-out sample tokens) " \
         f"{BLOCK}: " in result.output
     router = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]["router"]

@@ -62,8 +62,10 @@ def merge_rows(m: MergeSettings) -> list[Row]:
                         pacer={**pacer, "router": "data_free"}))
         rows.append(Row(f"{slug}-fewshot", f"{name}, few-shot router", "pacer", pacer=pacer,
                         few_shot=True))
-    # PACER's dense path with the samples (token rows by usage), nothing upcycled: 1.00x
-    rows.append(Row("pacer-dense-fewshot", "pacer dense (no upcycling), with samples", "pacer",
+    # PACER's dense path with samples (RegMean, token rows by usage), nothing upcycled: 1.00x
+    rows.append(Row("pacer-dense", "pacer dense (no upcycling), data-free samples", "pacer",
+                    pacer={"enable_moe_upcycle": False, "router": "data_free"}))
+    rows.append(Row("pacer-dense-fewshot", "pacer dense (no upcycling), sample lines", "pacer",
                     pacer={"enable_moe_upcycle": False}, few_shot=True))
     return rows
 
