@@ -640,8 +640,10 @@ class MergeJob:
 
     def _generates(self) -> bool:
         """Data-free: the samples are ones each model writes (self_samples.py); decoders only."""
+        from .runtime.blocks import DECODERS
+
         return self.config.method == "pacer" and self.config.pacer["router"] == "data_free" \
-            and self.models.spec.family != "vit" and self._embedding_name() is not None
+            and self.anchor.config.get("model_type") in DECODERS
 
     def _generate(self, state: RunState, quiet: bool) -> None:
         """Every model's own samples (self_samples.py), kept in the run state per model."""

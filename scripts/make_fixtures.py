@@ -41,8 +41,10 @@ ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_a
 FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER, {"max_shard_size": "200KB"}),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER, {"dtype": torch.bfloat16}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER, {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16}, {}),
+    # Qwen checkpoints have no BOS: a document starts after <|endoftext|>, their eos_token_id
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**DECODER, "eos_token_id": 2}, {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16, "eos_token_id": 2},
+              {}),
     "bert": ("BertConfig", "BertForMaskedLM", {**ENCODER, "vocab_size": 256,
                                                "max_position_embeddings": 64}, {}),
     "vit": ("ViTConfig", "ViTForImageClassification", {**ENCODER, "image_size": 32,

@@ -74,9 +74,11 @@ def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
     if pacer is not None:
         d = pacer["decision"]
         if pacer["exported_as"] != "dense":
+            kind = (pacer.get("router") or {}).get("kind", "linear")
             lines.append(f"Exported as `{pacer['exported_as']}`: MLP blocks {d['blocks']} were "
-                         f"upcycled to {d['num_experts']} experts each (top-{d['top_k']} zero-shot "
-                         f"router); parameters {pacer['parameters']['growth']:.3f}x the source's.")
+                         f"upcycled to {d['num_experts']} experts each (top-{d['top_k']} "
+                         f"{kind} router); parameters {pacer['parameters']['growth']:.3f}x the "
+                         "source's.")
         else:
             lines.append(f"All blocks merged dense ({d['note'] or 'no block over the threshold'}).")
         lines.append("")
