@@ -32,7 +32,7 @@ PLANS = {
 CASES = [
     ("ties", "tensor-written:5"), ("ties", "unit-done:2"),
     ("pacer", "align-unit:3"), ("pacer", "stats-unit:2"), ("pacer", "tensor-written:9"),
-    ("pacer", "unit-done:4"), ("pacer", "calibrated-block:2"),  # the data-free router's stage
+    ("pacer", "calibrated-block:2"),  # the data-free router's stage
     ("pacer", "generated-model:2"), ("pacer", "regmean-block:3"),  # its samples, RegMean
     # split_merge: 4 units a pass: variance-high 1-4, variance-low (μ) 5-8, gram 9-12,
     # eta 13-16; then its finish: η and split_merge.json written (1), μ's shards renamed (2)

@@ -128,18 +128,6 @@ def test_experts_are_cluster_means_and_router_routes_to_them(merged, fixtures_di
     assert len(chosen) >= 2  # the router does route to different experts
 
 
-@pytest.mark.slow
-def test_killed_runs_resume_to_identical_bytes(merged, tmp_path, fixtures_dir):
-    reference = digests(merged)
-    for failpoint in ("stats-unit:2", "unit-done:3"):
-        plan = write_plan(tmp_path, fixtures_dir, out=failpoint.split(":")[0])
-        killed = run_budgeted(plan, failpoint=failpoint)
-        assert killed.returncode == -9
-        resumed = run_budgeted(plan)
-        assert resumed.returncode == 0, resumed.stderr
-        assert digests(tmp_path / failpoint.split(":")[0]) == reference
-
-
 def test_merge_stays_within_its_memory_budget(merged):
     report = json.loads((merged / "pacer_report.json").read_text())
     assert report["this_run"]["peak_rss_bytes"] <= BUDGET
