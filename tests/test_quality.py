@@ -28,12 +28,16 @@ import metrics  # noqa: E402
 import textdata  # noqa: E402
 
 
-def load_run_module():
-    """benchmarks/quality/run.py under a name no other test module uses."""
-    spec = importlib.util.spec_from_file_location("quality_run", QUALITY / "run.py")
+def load_module(name: str):
+    """benchmarks/quality/<name>.py under a name no other test module uses."""
+    spec = importlib.util.spec_from_file_location(f"quality_{name}", QUALITY / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_run_module():
+    return load_module("run")
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def test_english_paragraphs_are_recognized():
 @pytest.mark.slow
 def test_upcycled_pacer_with_few_shot_router_beats_linear(tmp_path):
     run = load_run_module()
-    argv = ["--profile", "tiny", "--tasks", "text", "--rows", "linear,pacer-all-fewshot",
+    argv = ["--profile", "tiny", "--tasks", "text",
+            "--rows", "linear,pacer-all-fewshot,pacer-dense-fewshot",
             "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"),
             "--results", str(tmp_path / "results"), "--threads", "1"]
     try:
@@ -167,3 +172,10 @@ def test_upcycled_pacer_with_few_shot_router_beats_linear(tmp_path):
         f"pacer (all MLPs, few-shot router) mean retention {pacer['mean_retention']:.3f} is not "
         f"above linear's {linear['mean_retention']:.3f}")
     assert (tmp_path / "results" / "quality-A.md").is_file()
+    # ceiling.py merges the same models with PACER's sample rules itself (RegMean through
+    # transformers hooks, token rows by usage): the engine's dense row must score the same
+    ceiling = load_module("ceiling").main(["--profile", "tiny", "--cache", str(tmp_path / "cache"),
+                                           "--results", str(tmp_path / "results")])
+    engine = rows["pacer-dense-fewshot"]["mean_retention"]
+    assert abs(ceiling["nothing"][1] - engine) < 0.01, (ceiling["nothing"], engine)
+    assert ceiling["mlp"][1] >= ceiling["nothing"][1]  # each domain's own MLPs can only help
