@@ -31,7 +31,7 @@ PLANS = {
 # (method, failpoint:n): the n-th time the run passes that point it is killed
 CASES = [
     ("ties", "tensor-written:5"), ("ties", "unit-done:2"),
-    ("pacer", "align-unit:3"), ("pacer", "stats-unit:2"), ("pacer", "tensor-written:9"),
+    ("pacer", "stats-unit:2"), ("pacer", "tensor-written:9"),  # align-unit: align_only's
     ("pacer", "calibrated-block:2"),  # the data-free router's stage
     ("pacer", "generated-model:2"), ("pacer", "regmean-block:3"),  # its samples, RegMean
     # split_merge: 4 units a pass: variance-high 1-4, variance-low (μ) 5-8, gram 9-12,
