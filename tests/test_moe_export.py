@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from pacer_stream.errors import PacerError  # noqa: E402
-from pacer_stream.export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type,  # noqa: E402
+from pacer_stream.export.moe import (SHARED_EXPERT_WIDTH, MoeLayout, OutRecipe,  # noqa: E402
+                                     moe_config, moe_model_type,
                                      moe_parameter_count, moe_recipes)
 from pacer_stream.io.header import DTYPE_NAMES  # noqa: E402
 
@@ -35,8 +36,9 @@ FAMILIES = {
     "qwen3": (2, (1,), {"head_dim": 32, "tie_word_embeddings": True}),
 }
 SEQ_LEN = 8
-# qwen2_moe builds its 0-wide shared expert with nn.Linear, whose init warns about the
-# empty weight when the class is instantiated; nothing in our checkpoint causes it.
+# A stock qwen2_moe config without a shared expert (0 wide) builds zero-element nn.Linear
+# layers, whose init warns; the engine's exports have a narrow all-zero one instead
+# (test_export_loads_without_zero_element_modules).
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 
 
@@ -223,7 +225,7 @@ def test_distinct_experts_route_top1(family, num_experts, dense_models, tmp_path
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_count(family, dense_models, tmp_path):
-    """Recipes = checkpoint = loaded model, exactly: the zero-size shared expert adds 0,
+    """Recipes = checkpoint = loaded model, exactly: the all-zero shared expert is counted,
     the fused gate_up_proj holds the gate and up experts, a tied lm_head is neither in
     the checkpoint nor counted twice by parameters(); no buffer is stored."""
     _, recipes, moe = export(family, dense_models, tmp_path, num_experts=3, top_k=2)
@@ -232,6 +234,27 @@ def test_parameter_count(family, dense_models, tmp_path):
     assert count == sum(t.numel() for t in written.values())
     assert count == sum(p.numel() for p in moe.parameters())
     assert sorted(r.name for r in recipes) == sorted(written)
+
+
+def test_export_loads_without_zero_element_modules(dense_models, tmp_path):
+    """vLLM builds no shared expert for a 0-wide one and then cannot place the checkpoint's
+    shared_expert weights; transformers warns on the zero-element layers it builds for it.
+    The export's shared expert is SHARED_EXPERT_WIDTH wide, all zero, and adds exactly 0."""
+    import warnings
+
+    _, _, moe = export("llama", dense_models, tmp_path, num_experts=3, top_k=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the zero-element init warning would raise here
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == SHARED_EXPERT_WIDTH
+    written = load_file(tmp_path / "model.safetensors")
+    shared = {n: t for n, t in written.items() if ".shared_expert" in n}
+    assert shared and all(t.numel() > 0 and not t.any() for t in shared.values())
+    block = next(b for b in loaded.model.layers if hasattr(b.mlp, "shared_expert"))
+    x = torch.randn(5, config["hidden_size"])
+    with torch.no_grad():
+        assert not block.mlp.shared_expert(x).any()
 
 
 # -- recipes and config, unit level -------------------------------------------------------
@@ -289,7 +312,8 @@ def test_config_defaults_and_rope():
     assert config["vocab_size"] == 32000 and config["max_position_embeddings"] == 2048
     assert config["torch_dtype"] == "bfloat16"
     assert config["mlp_only_layers"] == [0] and config["moe_intermediate_size"] == 128
-    assert config["shared_expert_intermediate_size"] == 0 and config["qkv_bias"] is True
+    assert config["shared_expert_intermediate_size"] == SHARED_EXPERT_WIDTH
+    assert config["qkv_bias"] is True
     assert "router_aux_loss_coef" not in config
     ours = AutoConfig.for_model(**config)
     theirs = AutoConfig.for_model(**source)

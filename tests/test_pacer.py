@@ -78,7 +78,8 @@ def test_parameters_are_accounted_exactly(merged):
     config = json.loads((merged / "config.json").read_text())
     d, layers, m = config["hidden_size"], config["num_hidden_layers"], config["num_experts"]
     kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
-    router_and_zeros = (m * d + d) + layers * (d + 2 * kv)  # router + shared gate, q/k/v biases
+    shared = d + 3 * d * config["shared_expert_intermediate_size"]  # its gate, all-zero MLP
+    router_and_zeros = (m * d + shared) + layers * (d + 2 * kv)  # router, shared, q/k/v biases
     assert written == round(params["formula"]) + router_and_zeros
     mlp = 3 * d * config["intermediate_size"]
     assert params["formula"] == pytest.approx(params["source"] * (

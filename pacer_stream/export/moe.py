@@ -16,10 +16,14 @@ transformers >= 5 fuses these on load into ``experts.gate_up_proj`` [M, 2I, H] a
 shares; experts are stacked in numeric order), and older loaders read them as is.
 
 qwen2_moe always builds a shared expert and q/k/v biases. We make both exact
-no-ops: ``shared_expert_intermediate_size: 0`` with zero-size shared expert
-weights (transformers 5 reports them missing otherwise) and a zero
-``shared_expert_gate`` (sigmoid(0) * 0 = 0); zero q/k/v biases where the source
-has none (x @ W.T + 0 = x @ W.T).
+no-ops: a shared expert SHARED_EXPERT_WIDTH wide whose weights are all zero
+(down(silu(0) * 0) = 0, times sigmoid(0) of a zero ``shared_expert_gate``) and zero
+q/k/v biases where the source has none (x @ W.T + 0 = x @ W.T). Not 0 wide: then
+transformers builds zero-element Linear layers (it warns "Initializing zero-element
+tensors"), and vLLM (vllm/model_executor/models/qwen2_moe.py) builds no shared
+expert at all, so its load_weights fails on the checkpoint's
+``shared_expert.down_proj.weight`` (no parameter of that name). 8 divides every
+common tensor-parallel size, which vLLM's column/row-parallel layers require.
 
 This module only computes names, shapes and the config; the executor fills in
 the tensors. It never imports transformers (a test-only dependency).
@@ -75,6 +79,8 @@ DEFAULT_ROPE_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta, not ov
 # classes compute RoPE with the very same functions as the sources, so each is exact.
 ROPE_TYPES = frozenset({"default", "linear", "dynamic", "yarn", "longrope", "llama3",
                         "proportional"})
+
+SHARED_EXPERT_WIDTH = 8  # qwen2_moe's all-zero shared expert (module docstring)
 
 
 def moe_model_type(family: str) -> str | None:
@@ -279,7 +285,7 @@ def _moe_keys(source: dict, layout: MoeLayout) -> dict:
         "output_router_logits": False,
     }
     if layout.model_type == "qwen2_moe":
-        keys["shared_expert_intermediate_size"] = 0
+        keys["shared_expert_intermediate_size"] = SHARED_EXPERT_WIDTH
     return keys
 
 
@@ -295,7 +301,7 @@ def moe_recipes(layout: MoeLayout, tensors: dict[str, tuple[str, tuple[int, ...]
     block is replaced, at its position, by its M expert copies (kind "expert", names
     experts.{e}.<proj>.weight, same dtype/shape); the block's router (kind "router",
     dtype of the block's gate_proj) and, for qwen2_moe, the zero shared_expert_gate
-    and zero-size shared expert weights come right after the block's last MLP tensor;
+    and all-zero shared expert weights come right after the block's last MLP tensor;
     zero q/k/v biases for sources without them (llama, mistral) come right after the
     corresponding weight when the target is qwen2_moe; per-layer ``rotary_emb.inv_freq``
     buffers are dropped (recomputed from the config; the MoE classes have no such key);
@@ -369,14 +375,13 @@ def _router_recipes(layout: MoeLayout, layer: int, tensors: dict,
     out = [OutRecipe(block + "gate.weight", dtype, (layout.num_experts, hidden), "router",
                      layer=layer)]
     if layout.model_type == "qwen2_moe":
-        # sigmoid(0) = 0.5 times a 0-wide shared expert's output (exactly 0): no effect.
-        # The zero-size weights are written because transformers 5 reports them
-        # missing otherwise; they hold no data.
+        # sigmoid(0) = 0.5 times an all-zero shared expert's output (exactly 0): no effect
+        w = SHARED_EXPERT_WIDTH
         out += [OutRecipe(block + name, dtype, shape, "zeros", layer=layer) for name, shape in (
             ("shared_expert_gate.weight", (1, hidden)),
-            ("shared_expert.gate_proj.weight", (0, hidden)),
-            ("shared_expert.up_proj.weight", (0, hidden)),
-            ("shared_expert.down_proj.weight", (hidden, 0)),
+            ("shared_expert.gate_proj.weight", (w, hidden)),
+            ("shared_expert.up_proj.weight", (w, hidden)),
+            ("shared_expert.down_proj.weight", (hidden, w)),
         )]
     return out
 

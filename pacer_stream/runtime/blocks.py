@@ -571,8 +571,8 @@ class DecoderBlocks(BlockModel):
                              gate=q + "gate_proj")
 
         out = mix_experts(flat, weights, chosen, self.num_experts, expert)
-        # qwen2_moe's shared expert, gated by sigmoid(w . x); the engine writes it 0 wide,
-        # where it adds exactly 0, so we skip it without reading it.
+        # qwen2_moe's shared expert, gated by sigmoid(w . x) (the engine's is all zero and
+        # adds exactly 0; a config with none, 0 wide, skips it without reading it)
         if self.family.shared_expert and self.config["shared_expert_intermediate_size"] > 0:
             gate = torch.sigmoid(F.linear(flat, self._w(get, p + "shared_expert_gate.weight",
                                                         flat)))
