@@ -203,6 +203,7 @@ def test_align_only_writes_the_rebased_peer(fixtures_dir, tmp_path):
     transformers.AutoModel.from_pretrained(tmp_path / "out" / "1-perm")  # a normal checkpoint
 
 
+@pytest.mark.slow
 def test_anchor_strategy_names_a_model(fixtures_dir, tmp_path):
     base = fixtures_dir / "llama"
     plan = tmp_path / "plan.yaml"

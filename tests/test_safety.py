@@ -359,6 +359,7 @@ def test_no_shard_or_config_looks_final_before_the_run_is(models, tmp_path):
     assert run_here(plan).returncode == 0
 
 
+@pytest.mark.slow
 def test_align_only_summary_counts_what_it_wrote(models, tmp_path):
     from pacer_stream.sizes import format_size
 

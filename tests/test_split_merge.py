@@ -204,6 +204,7 @@ def test_materialize_refuses_bad_requests(merged, tmp_path):
     assert result.exit_code == 2 and "split_merge.json" in result.output
 
 
+@pytest.mark.slow
 def test_split_merge_refuses_a_base_model(models, tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, models)
     plan.write_text(plan.read_text() + f"base_model: {fixtures_dir / 'llama' / 'anchor'}\n")
