@@ -84,6 +84,15 @@ class SampleSet:
         """[B, T] True where a position holds a real token."""
         return torch.arange(tokens)[None, :] < self.lengths[:, None]
 
+    def of_model(self, k: int) -> "SampleSet":
+        """Model k's sequences alone, decoder batches cut to their longest."""
+        rows = self.model == k
+        inputs = self.inputs[rows]
+        if inputs.dim() == 2:
+            inputs = inputs[:, :int(self.lengths[rows].max())]
+        return SampleSet(inputs, self.lengths[rows], self.model[rows], self.fit[rows],
+                         self.held_out[rows], self.note)
+
 
 def activation_bytes(sequences: int, width: int, hidden: int) -> int:
     """What the stage holds for ``sequences`` of ``width`` positions: ACTIVATION_COPIES fp32

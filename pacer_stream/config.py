@@ -185,8 +185,12 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
         pacer["router_samples"] = _router_samples(pacer["router_samples"], entries, base_dir,
                                                   f"{label}: pacer.router_samples")
         pacer["router"] = _router(pacer, f"{label}: pacer.router")
-        pacer["vocabulary"] = _vocabulary(pacer, f"{label}: pacer.vocabulary")
-        pacer["dense"] = _dense_rule(pacer, f"{label}: pacer.dense")
+        pacer["vocabulary"] = _sample_rule(pacer, "vocabulary", VOCABULARY_RULES,
+                                           "to count which tokens each model uses",
+                                           f"{label}: pacer.vocabulary")
+        pacer["dense"] = _sample_rule(pacer, "dense", DENSE_RULES,
+                                      "to fit each layer to the models' own inputs",
+                                      f"{label}: pacer.dense")
     if method != "pacer" and "align" in given_pacer:
         raise PacerError(f"{label}: pacer.align is read by method pacer only; for method "
                          f"{method} write align: {str(given_pacer['align']).lower()} at the top "
@@ -381,31 +385,19 @@ def _router(pacer: dict, where: str) -> str | None:
     return router
 
 
-def _vocabulary(pacer: dict, where: str) -> str:
-    """How token rows merge: ``usage`` needs the samples that measure it."""
-    rule = pacer["vocabulary"]
+def _sample_rule(pacer: dict, key: str, rules: tuple[str, ...], purpose: str,
+                 where: str) -> str:
+    """``pacer.vocabulary`` / ``pacer.dense``: ``rules[0]`` is fitted to samples (the default
+    when there are any) and is refused without them; ``mean`` needs nothing."""
+    rule = pacer[key]
     if rule is None:
-        return "usage" if _has_samples(pacer) else "mean"
-    if rule not in VOCABULARY_RULES:
-        raise PacerError(f"{where}: expected one of {', '.join(VOCABULARY_RULES)}, got {rule!r}")
-    if rule == "usage" and not _has_samples(pacer):
-        raise PacerError(f"{where}: usage needs samples to count which tokens each model uses: "
-                         "pacer.router_samples ({model: file of sample lines}) or router: "
-                         "data_free (each model writes its own); or use mean")
-    return rule
-
-
-def _dense_rule(pacer: dict, where: str) -> str:
-    """How the linear layers that are not upcycled merge: ``regmean`` needs the samples."""
-    rule = pacer["dense"]
-    if rule is None:
-        return "regmean" if _has_samples(pacer) else "mean"
-    if rule not in DENSE_RULES:
-        raise PacerError(f"{where}: expected one of {', '.join(DENSE_RULES)}, got {rule!r}")
-    if rule == "regmean" and not _has_samples(pacer):
-        raise PacerError(f"{where}: regmean needs samples to fit each layer to the models' own "
-                         "inputs: pacer.router_samples ({model: file of sample lines}) or "
-                         "router: data_free (each model writes its own); or use mean")
+        return rules[0] if _has_samples(pacer) else "mean"
+    if rule not in rules:
+        raise PacerError(f"{where}: expected one of {', '.join(rules)}, got {rule!r}")
+    if rule == rules[0] and not _has_samples(pacer):
+        raise PacerError(f"{where}: {rule} needs samples {purpose}: pacer.router_samples "
+                         "({model: file of sample lines}) or router: data_free (each model "
+                         "writes its own); or use mean")
     return rule
 
 

@@ -48,14 +48,15 @@ from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
 from .calibration import (RouterCalibration, SampleSet, TensorCache, activation_bytes,
                           image_samples, text_samples, text_tokenizer)
 from .lock import LOCK_FILE, OutputLock
-from .regmean_pass import INPUT_OF_ROLE, OwnSamples, RegMeanPass, block_bytes
+from .regmean_pass import INPUT_OF_ROLE, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed, check_run
-from .self_samples import end_tokens, generate, measured_on, sample_set, start_token
+from .self_samples import (end_tokens, generate, measured_on, sample_set, start_token,
+                           writes_samples)
 from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import format_size
 from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
@@ -119,7 +120,8 @@ class RunSummary:
     already_complete: bool = False
     align: dict | None = None  # the report's "align" section, when the run aligned
     pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
-    dense: dict | None = None  # the report's "dense" and "vocabulary" sections (pacer runs)
+    dense: dict | None = None  # the report's "dense" section (pacer runs)
+    vocabulary: dict | None = None  # and its "vocabulary" section
 
     def align_lines(self) -> list[str]:
         """One line per aligned peer (see :func:`align_lines`)."""
@@ -141,17 +143,17 @@ class RunSummary:
 
     def dense_line(self) -> str | None:
         """PACER's dense rule, when samples changed it from the plain mean."""
-        rule = (self.dense or {}).get("rule") or {}
-        vocabulary = (self.dense or {}).get("vocabulary")
-        if rule.get("rule") != "regmean" and not vocabulary:
+        dense, vocabulary = self.dense or {}, self.vocabulary
+        regmean = dense.get("rule") == "regmean"
+        if not regmean and not vocabulary:
             return None
         parts = []
-        if rule.get("rule") == "regmean":
-            parts.append(f"{rule['tensors']} linear layers by RegMean (alpha {rule['alpha']})")
+        if regmean:
+            parts.append(f"{dense['tensors']} linear layers by RegMean (alpha {dense['alpha']})")
         if vocabulary:
             parts.append(f"token rows by usage ({vocabulary['rows_used']} of "
                          f"{vocabulary['rows']} rows seen)")
-        return f"dense layers: {'; '.join(parts)}, from {rule.get('samples', 'the samples')}"
+        return f"dense layers: {'; '.join(parts)}, from {dense.get('samples', 'the samples')}"
 
     def line(self) -> str:
         if self.already_complete:
@@ -640,10 +642,8 @@ class MergeJob:
 
     def _generates(self) -> bool:
         """Data-free: the samples are ones each model writes (self_samples.py); decoders only."""
-        from .runtime.blocks import DECODERS
-
         return self.config.method == "pacer" and self.config.pacer["router"] == "data_free" \
-            and self.anchor.config.get("model_type") in DECODERS
+            and writes_samples(self.anchor.config)
 
     def _generate(self, state: RunState, quiet: bool) -> None:
         """Every model's own samples (self_samples.py), kept in the run state per model."""
@@ -680,12 +680,6 @@ class MergeJob:
         self.samples = sample_set(generated, self.config.pacer["router_holdout"])
         self._check_regmean_fits()
         self._set_vocabulary_rows()
-
-    def _embedding_name(self) -> str | None:
-        if self.models.spec.family == "vit":
-            return None
-        return next((n for n, node in self.models.graph.nodes.items() if node.role == "embed"),
-                    None)
 
     def _calibrate(self, state: RunState, writer: ShardWriter, quiet: bool) -> None:
         """The calibration stage (calibration.py): every upcycled block's gate, written."""
@@ -748,13 +742,7 @@ class MergeJob:
         config = self.anchor.config
         model = BlockModel.from_config(config, self.anchor.tensors.keys(),
                                        mlp_chunk=max(self.models.graph.dims.get("mlp", 1), 1))
-        real = self.samples
-        samples = []
-        for k in range(len(self.models.models)):
-            rows = real.model == k
-            width = int(real.lengths[rows].max())
-            inputs = real.inputs[rows][:, :width] if real.inputs.dim() == 2 else real.inputs[rows]
-            samples.append(OwnSamples(inputs, real.lengths[rows]))
+        samples = [self.samples.of_model(k) for k in range(len(self.models.models))]
 
         def reader(k: int):
             def read(name: str) -> torch.Tensor:
@@ -1062,7 +1050,7 @@ class MergeJob:
             **self._method_report(),
         }
         self.summary.pacer = report["pacer"]
-        self.summary.dense = {"rule": report["dense"], "vocabulary": report["vocabulary"]}
+        self.summary.dense, self.summary.vocabulary = report["dense"], report["vocabulary"]
         write_atomic(self.out_dir / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
     def _dense_report(self) -> dict | None:

@@ -20,6 +20,7 @@ from .io.header import DTYPES, TensorInfo
 from .methods.consensus import part_of
 from .methods.dense import pacer_dense
 from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
+from .self_samples import writes_samples
 from .sizes import at_least, format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
@@ -137,7 +138,8 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     consensus_read = sum(m.tensors[t].nbytes for m in inputs for u in graph.units
                          if u.kind == "block" for t in u.tensors
                          if part_of(graph.nodes[t].role)) if upcycling else 0
-    stages = _stages(config, units, n_peers, graph, aligning, consensus_read)
+    stages = _stages(config, units, n_peers, graph, aligning, consensus_read,
+                     writes_samples(models.models[0].config))
     peak = max(units, key=lambda u: u.ram_bytes)
     neediest = max(units, key=lambda u: u.min_need_bytes)
     write_max = sum(s.write_bytes for s in stages)
@@ -311,7 +313,7 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
     return works
 
 
-def _sample_stages(config: PlanConfig, graph: MergeGraph, merge_read: int) -> list[StagePlan]:
+def _sample_stages(config: PlanConfig, merge_read: int, generates: bool) -> list[StagePlan]:
     """PACER's sample passes before the merge: data-free generation (self_samples.py) and
     RegMean (regmean_pass.py). Each reads every model's blocks once; generation re-reads a
     model once per token when it does not fit the tensor cache (half the usable budget),
@@ -321,12 +323,11 @@ def _sample_stages(config: PlanConfig, graph: MergeGraph, merge_read: int) -> li
     pacer, stages = config.pacer, []
     params = merge_read / 2 / max(len(config.models), 1)  # ~parameters of one model
     cpu_gpu = (("cpu", acct.CPU), ("gpu", acct.GPU))
-    text = graph.spec.family != "vit"
-    if pacer["router"] == "data_free" and text:
+    if pacer["router"] == "data_free" and generates:
         flops = 2 * params * GENERATED_SEQUENCES * GENERATED_LENGTH * len(config.models)
         stages.append(StagePlan("generate", 1, merge_read, 0, {
             dev: merge_read / rate.disk_read + flops / rate.gemm_flops for dev, rate in cpu_gpu}))
-    if pacer["dense"] == "regmean" and (pacer["router_samples"] or text):
+    if pacer["dense"] == "regmean" and (pacer["router_samples"] or generates):
         tokens = GENERATED_SEQUENCES * (1 + GENERATED_LENGTH)  # per model, about
         flops = 4 * params * tokens * len(config.models)  # forward + Gram and solve terms
         stages.append(StagePlan("regmean", 1, merge_read, 0, {
@@ -335,12 +336,12 @@ def _sample_stages(config: PlanConfig, graph: MergeGraph, merge_read: int) -> li
 
 
 def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
-            aligning: bool, consensus_read: int) -> list[StagePlan]:
+            aligning: bool, consensus_read: int, generates: bool) -> list[StagePlan]:
     merge_read = sum(u.merge_read_bytes for u in units)
     write = sum(u.write_bytes for u in units)
     elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
     stages = []
-    sample = {st.name: st for st in _sample_stages(config, graph, merge_read)}
+    sample = {st.name: st for st in _sample_stages(config, merge_read, generates)}
     if aligning:
         # Sweeps stop when the residual permutation stops changing, which headers cannot
         # predict: estimate the usual count, and show the cap beside it.

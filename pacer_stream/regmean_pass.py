@@ -18,14 +18,13 @@ their MLPs as experts, so only their attention is solved here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import failpoints
 from .errors import PacerError
-from .calibration import ATTENTION_BATCH, TOKEN_CHUNK
+from .calibration import ATTENTION_BATCH, TOKEN_CHUNK, SampleSet
 from .methods.regmean import RegMeanSum, gram, shrink
 from .state import PassCheckpoint
 
@@ -48,21 +47,10 @@ def block_bytes(targets: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> 
         sum(12 * shapes[n][0] * shapes[n][1] for n in targets)
 
 
-@dataclass
-class OwnSamples:
-    """One model's sample sequences (token ids [B, T] right-padded, or images)."""
-
-    inputs: torch.Tensor
-    lengths: torch.Tensor
-
-    def mask(self, tokens: int) -> torch.Tensor:
-        return torch.arange(tokens)[None, :] < self.lengths[:, None]
-
-
 class RegMeanPass:
     """Solves and stores every target tensor (module docstring)."""
 
-    def __init__(self, model: "BlockModel", readers: list[Reader], samples: list[OwnSamples],
+    def __init__(self, model: "BlockModel", readers: list[Reader], samples: list[SampleSet],
                  weights: tuple[float, ...], targets: dict[int, dict[str, str]], alpha: float,
                  store: Callable[[str, torch.Tensor], None], checkpoint: PassCheckpoint) -> None:
         self.model, self.readers, self.samples, self.weights = model, readers, samples, weights
@@ -99,7 +87,7 @@ class RegMeanPass:
         out = []
         for k, (read, own) in enumerate(zip(self.readers, self.samples)):
             grams: dict[str, torch.Tensor] = {}
-            mask = own.mask(hidden[k].shape[1])
+            mask = own.token_mask(hidden[k].shape[1])
             self.model.observer = self._observer(targets, grams)
             try:
                 out.append(self._forward(read, layer, hidden[k], mask))

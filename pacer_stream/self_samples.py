@@ -41,6 +41,14 @@ LENGTH = 64  # generated tokens per sequence, after the start token
 Reader = Callable[[str], torch.Tensor]
 
 
+def writes_samples(config: dict) -> bool:
+    """Whether a model of this config.json can write samples: the decoders runtime/blocks.py
+    runs (not a ViT, not an encoder)."""
+    from .runtime.blocks import DECODERS
+
+    return config.get("model_type") in DECODERS
+
+
 def start_token(config: dict, tokenize: Callable[[str], list[int]] | None) -> int:
     """What generation starts from: the tokenizer's BOS (what it adds to an empty text),
     else config.json's bos_token_id, else its eos_token_id (Qwen-style models start a
@@ -79,7 +87,7 @@ def generate(model: "BlockModel", get: Reader, start: int, ends: set[int], seed:
             logits = model.step(get, tokens[:, -1:], cache).double()
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
             tokens = torch.cat([tokens, nxt], dim=1)
-            ended = torch.tensor([int(t) in ends for t in nxt[:, 0]], dtype=torch.bool)
+            ended = torch.isin(nxt[:, 0], torch.tensor(sorted(ends), dtype=torch.long))
             lengths = torch.where(ended & (lengths > step + 2), torch.tensor(step + 2), lengths)
             on_step()
     return tokens, lengths

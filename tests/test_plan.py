@@ -70,6 +70,17 @@ def test_tiny_smoke_plan_json(fixtures_dir):
         {k: g[k] for k in ("kind", "size", "count")} for g in plan["groups"]]
 
 
+def test_data_free_stages_only_for_models_that_write_samples(fixtures_dir, tmp_path):
+    """An encoder writes no samples: the run neither generates nor solves RegMean for it, and
+    the plan says the same (self_samples.writes_samples decides both)."""
+    models = [fixtures_dir / "bert" / n for n in ("ft1", "ft2")]
+    plan_file = tmp_path / "p.yaml"
+    plan_file.write_text("models: [" + ", ".join(map(str, models)) + "]\nmethod: pacer\n"
+                         "pacer: {router: data_free}\n")
+    stages = [s["name"] for s in _plan_json(str(plan_file))["stages"]]
+    assert "generate" not in stages and "regmean" not in stages and "merge" in stages
+
+
 def test_pacer_plan_counts_alignment_sweeps(fixtures_dir, tmp_path):
     models = [fixtures_dir / "llama" / n for n in ("ft1", "ft2", "perm")]
     plan_file = tmp_path / "p.yaml"
