@@ -14,8 +14,10 @@ equivalent plan.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import parse_plan
 from .executor import RunOptions, run_merge
@@ -38,6 +40,10 @@ class PACERMerger:
         self.seed = seed
         self.options = RunOptions(budget=parse_size(max_memory, "max_memory") if max_memory
                                   else None, device=device, quiet=quiet)
+        # for the model card; max_memory and quiet do not change the output
+        self._init_call = call_form("PACERMerger", self.__init__, [self.models], {
+            "base_model": base_model, "project_name": project_name, "seed": seed,
+            "device": device})
 
     def merge(self, output_path: str | Path = "./merged_model", *,
               interference_threshold: float = 0.35, top_k_experts: int = 2,
@@ -63,8 +69,27 @@ class PACERMerger:
         if dropout_rate is not None:
             raw["pacer"]["dropout_rate"] = dropout_rate
         config = parse_plan(raw, base_dir=Path.cwd(), label="PACERMerger")
-        summary = run_merge(config, self.options)
+        call = call_form("merger.merge", self.merge, [str(output_path)], {
+            "interference_threshold": interference_threshold, "top_k_experts": top_k_experts,
+            "dropout_rate": dropout_rate, "anchor_strategy": anchor_strategy,
+            "enable_moe_upcycle": enable_moe_upcycle, "shard_size": shard_size,
+            **pacer_options})
+        command = ("from pacer_stream import PACERMerger", "",
+                   f"merger = {self._init_call}", call)
+        summary = run_merge(config, dataclasses.replace(self.options, command=command))
         return summarize(summary.out_dir)
+
+
+def call_form(name: str, func: Callable, args: list, kwargs: dict[str, Any]) -> str:
+    """``name(args..., key=value, ...)`` with the keywords that differ from ``func``'s
+    defaults: the call as the model card records it (deterministic, so a resumed merge
+    writes the same card)."""
+    defaults = inspect.signature(func).parameters
+    given = [repr(a) for a in args] + [
+        f"{k}={v!r}" for k, v in kwargs.items()
+        if k not in defaults or defaults[k].default is inspect.Parameter.empty
+        or defaults[k].default != v]
+    return f"{name}({', '.join(given)})"
 
 
 def summarize(out_dir: Path) -> dict:

@@ -110,6 +110,7 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         state_dir=state_dir.resolve() if state_dir else None,
         restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
         hash_inputs=hash_inputs,
+        command=run_command(plan_file, device, shard_size, allow_nonfinite),
     )
     try:
         summary = run_merge(load_plan(plan_file), options)
@@ -131,6 +132,20 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         if routing:
             click.echo(routing)
         click.echo(summary.line())
+
+
+def run_command(plan_file: Path, device: str, shard_size: str | None,
+                allow_nonfinite: bool) -> tuple[str, ...]:
+    """``pacer-stream run`` as the model card records it: the plan as typed and the
+    options that can change the output or are needed to repeat it. The rest (--max-memory,
+    --state-dir, --restart, --force, --hash-inputs, --quiet, --debug; export/card.py's
+    UNRECORDED_OPTIONS) are left out, so a resume or a run under another budget writes the
+    same card; rebuilt from the parsed options, not sys.argv, so it is the same however
+    they were spelled (and under click's test runner)."""
+    return ("pacer-stream", "run", str(plan_file),
+            *(("--device", device) if device != "cpu" else ()),
+            *(("--shard-size", shard_size) if shard_size else ()),
+            *(("--allow-nonfinite",) if allow_nonfinite else ()))
 
 
 @main.command()

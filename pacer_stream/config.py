@@ -46,7 +46,10 @@ VOCABULARY_RULES = ("usage", "mean")  # pacer.vocabulary: how token-embedding / 
 DENSE_ONLY_PACER_KEYS = ("dropout_rate",)
 DENSE_ONLY_PARAMETERS = ("lambda", "rescale")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
-OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size")
+OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size", "target")
+# Who runs the output (export/llamacpp.py): the minimal layout for transformers and vLLM,
+# or one llama.cpp converts and runs (every block a MoE block when any is).
+TARGETS = ("transformers", "llama.cpp")
 MODEL_KEYS = ("model", "weight", "density")
 PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
 RESCALES = ("inverse_density", "l1", "none")
@@ -106,6 +109,7 @@ class OutputSpec:
     save_format: str = "safetensors"
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
+    target: str = "transformers"  # one of TARGETS
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,10 @@ def _output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
     if dtype not in DTYPES:
         raise PacerError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     shard = parse_size(raw.get("shard_size", "5GB"), f"{where}.shard_size")
-    return OutputSpec(path.resolve(), fmt, dtype, shard)
+    target = raw.get("target", "transformers")
+    if target not in TARGETS:
+        raise PacerError(f"{where}.target: expected one of {', '.join(TARGETS)}, got {target!r}")
+    return OutputSpec(path.resolve(), fmt, dtype, shard, target)
 
 
 def _check_parameters(p: dict, where: str) -> None:

@@ -35,9 +35,12 @@ from . import failpoints
 from .config import PlanConfig
 from .errors import PacerError
 from .align.stage import AlignStage
-from .export.dense import copy_side_files, model_card, write_card, write_config
+from .export.card import model_card, plan_as_run, write_card, write_plan
+from .export.dense import copy_side_files, write_config
 from .export.vit_moe import (VitMoeLayout, vit_moe_config, vit_moe_recipes,
                               write_modeling)
+from .export.llamacpp import (LLAMACPP, Place, TargetLayout, TargetWriter, check_source,
+                              llamacpp_target)
 from .export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type, moe_parameter_count,
                          moe_recipes)
 from .graph import source_index
@@ -79,6 +82,9 @@ class RunOptions:
     quiet: bool = False
     allow_nonfinite: bool = False
     hash_inputs: bool = False  # also fingerprint input files by sha256 (reads them once more)
+    # how the run was asked for, for the model card: `pacer-stream run ...` argv (the options
+    # that change the output), or the lines of a Python API call; not part of the fingerprint
+    command: tuple[str, ...] | None = None
 
 
 def align_lines(align: dict | None, unconverged_only: bool = False) -> list[str]:
@@ -138,8 +144,12 @@ class RunSummary:
                 f"{worst['layer']}" if worst and "mlp" in worst else "")
         if self.pacer["exported_as"] == "dense":
             return f"no MLP block upcycled ({d['note'] or d['mode']}){peak}"
+        target = self.pacer.get("target") or {}
+        cost = (f" (target llama.cpp: every block a MoE block; the default layout would be "
+                f"x{target['default_parameters'] / self.pacer['parameters']['source']:.3f})"
+                if "default_parameters" in target else "")
         return (f"upcycled MLP blocks {d['blocks']} to {d['num_experts']} experts (top-{d['top_k']}"
-                f" router) -> {self.pacer['exported_as']}, parameters x{growth:.3f}{peak}")
+                f" router) -> {self.pacer['exported_as']}, parameters x{growth:.3f}{cost}{peak}")
 
     def dense_line(self) -> str | None:
         """PACER's dense rule, when samples changed it from the plain mean."""
@@ -292,6 +302,8 @@ class MergeJob:
             raise PacerError(f"pacer.router_mode {config.pacer['router_mode']}: a per-input "
                              "router needs custom modeling code, which only ViT-MoE outputs "
                              f"have; {models.spec.family} exports use router_mode: linear")
+        if self.upcycling and config.output.target == LLAMACPP and self.moe_type is not None:
+            check_source(models.spec.family, self.anchor.config)  # before any work
         self.stats: dict[int, dict[str, PartStats]] = {}  # layer -> part -> consensus sums
         self.decision: Decision | None = None
         self.prototypes: dict[int, torch.Tensor] = {}  # layer -> router sums, while writing it
@@ -312,13 +324,12 @@ class MergeJob:
 
     def _set_layout(self, decision: Decision | None) -> None:
         """The output tensors (dense, or MoE once a decision upcycles) and their shards."""
-        self.layout = None
-        shapes = {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
-                      tuple(self.anchor.tensors[t].shape)) for t in self.order}
+        self.layout, self.target = None, None
+        shapes = self._shapes()
         if decision is not None and decision.upcycles and self.moe_type is not None \
                 and self._can_route():
-            self.layout, recipes = self._moe_layout(decision.blocks, decision.num_experts,
-                                                    decision.top_k, shapes)
+            self.layout, recipes, self.target = self._moe_layout(
+                decision.blocks, decision.num_experts, decision.top_k, shapes)
         else:
             recipes = [OutRecipe(t, dtype, shape, "source", t) for t, (dtype, shape) in shapes.items()]
         rank = {u.name: i for i, u in enumerate(self.models.graph.units)}
@@ -332,19 +343,32 @@ class MergeJob:
             if r.kind == "expert":
                 names = self.expert_names.setdefault(r.source, [""] * decision.num_experts)
                 names[r.expert] = r.name
+        # the tensors the merge produces; the llama.cpp target places them in its own
         self.out = {r.name: OutTensor(r.name, r.dtype, tuple(r.shape)) for r in self.recipes}
-        self.shards = plan_shards([self.out[r.name] for r in self.recipes], self.shard_size)
+        written = [self.out[r.name] for r in self.recipes] if self.target is None \
+            else _in_unit_order(self.target, self.recipes)
+        self.shards = plan_shards(written, self.shard_size)
+
+    def _shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every input tensor's output (dtype, shape), in the anchor's order."""
+        return {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
+                    tuple(self.anchor.tensors[t].shape)) for t in self.order}
 
     def _moe_layout(self, blocks: list[int], experts: int, top_k: int,
                     shapes: dict[str, tuple[str, tuple[int, ...]]]):
-        """The export layout and its output recipes: ViT-MoE (custom code) or qwen*_moe."""
+        """The export layout, its output recipes and, for ``output.target: llama.cpp``,
+        where they land (export/llamacpp.py): ViT-MoE (custom code) or qwen*_moe."""
         layers = self.models.graph.dims["layers"]
         if self.moe_type == VIT_MOE:
             layout = VitMoeLayout(layers, tuple(blocks), experts, top_k,
                                   self.config.pacer["tome_r"])
-            return layout, vit_moe_recipes(layout, shapes)
+            return layout, vit_moe_recipes(layout, shapes), None
         layout = MoeLayout(self.models.spec.family, layers, tuple(blocks), experts, top_k)
-        return layout, moe_recipes(layout, shapes)
+        recipes = moe_recipes(layout, shapes)
+        if self.config.output.target != LLAMACPP:
+            return layout, recipes, None
+        target = llamacpp_target(layout, recipes, self.anchor.config)
+        return layout, target.recipes, target
 
     def _recipe_unit(self, recipe: OutRecipe) -> str:
         if recipe.source in self.unit_of:
@@ -366,7 +390,7 @@ class MergeJob:
             "seed": self.config.seed, "output_dtype": self.config.output.dtype,
             "align": [self.config.align, str(self.config.pacer["anchor_strategy"]),
                       self.config.pacer["max_sweeps"]],
-            "shard_size": self.shard_size,
+            "shard_size": self.shard_size, "target": self.config.output.target,
             "pacer": self.config.pacer if self.config.method == "pacer" else None,
             # the routers are fitted to the sample files' content: another content, another run
             "router_samples": {str(k): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -453,6 +477,8 @@ class MergeJob:
         if self._uses_regmean():
             self._regmean(state, quiet)
         writer = ShardWriter(self.out_dir, self.shards)
+        if self.target is not None:
+            writer = TargetWriter(writer, self.target, self.out)
         units = self.models.graph.units
         todo = [u for u in units if not state.is_done(u.name)]
         self.summary.units_skipped = [u.name for u in units if state.is_done(u.name)]
@@ -582,9 +608,10 @@ class MergeJob:
             return (self.source_params + extra) / self.source_params
         shapes = {t: (self.anchor.tensors[t].dtype, tuple(self.anchor.tensors[t].shape))
                   for t in self.order}
-        _, recipes = self._moe_layout(blocks, experts,
-                                      min(self.config.pacer["top_k_experts"], experts), shapes)
-        return moe_parameter_count(recipes) / self.source_params
+        _, recipes, target = self._moe_layout(
+            blocks, experts, min(self.config.pacer["top_k_experts"], experts), shapes)
+        count = moe_parameter_count(recipes) if target is None else target.parameters()
+        return count / self.source_params
 
     def _mlp_params(self, layer: int) -> int:
         unit = next(u for u in self.models.graph.units if u.layer == layer)
@@ -685,7 +712,7 @@ class MergeJob:
         """The calibration stage (calibration.py): every upcycled block's gate, written."""
         from .runtime.blocks import BlockModel  # only upcycled runs need the forward pass
 
-        model = BlockModel.from_config(self._output_config())
+        model = BlockModel.from_config(self._output_config(logical=True))
         routers = {r.layer: r for r in self.recipes if r.kind == "router"}
 
         def write_router(layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -882,23 +909,44 @@ class MergeJob:
             entry.update({part: stats.summary() for part, stats in parts.items()})
             blocks.append(entry)
         source = self.source_params
-        output = sum(math.prod(r.shape) for r in self.recipes)
+        output = sum(math.prod(r.shape) for r in self.recipes) if self.target is None \
+            else self.target.parameters()
         layers = self.models.graph.dims["layers"]
         mlp_fraction = sum(self._mlp_params(b) for b in range(layers)) / source
         m = d.num_experts if exported else 1
         formula = source * (1 + mlp_fraction * (len(exported) / layers) * (m - 1))
+        target = self._target_cost()  # the formula is the default layout's
+        default_output = target.get("default_parameters", output)
         return {
             "metric": "base_interference" if self.models.base is not None else "interference",
             "threshold": self.config.pacer["interference_threshold"],
             "blocks": blocks, "decision": d.to_json(),
-            "exported_as": self.moe_type if exported else "dense",
+            "exported_as": (self.target.model_type if self.target else self.moe_type)
+            if exported else "dense",
             "parameters": {"source": source, "output": output, "growth": output / source,
                            "mlp_fraction": mlp_fraction, "formula": formula,
-                           "router_and_zero_tensors": output - round(formula)},
+                           "router_and_zero_tensors": default_output - round(formula)},
             "router": self.router_report or ({"kind": self.router_kind} if exported else None),
+            "target": target,
             "model_similarity": model_similarity([p for parts in self.stats.values()
                                                   for p in parts.values()]),
         }
+
+    def _target_cost(self) -> dict:
+        """The export target and, for llama.cpp's, its parameter and compute cost against
+        the default layout's (compute: the parameters a token runs through)."""
+        record = {"name": self.config.output.target}
+        if self.target is None or not isinstance(self.layout, MoeLayout):
+            return record
+        m, k = self.layout.num_experts, self.layout.top_k
+        default = moe_recipes(self.layout, self._shapes())
+        active = sum(math.prod(r.shape) * (k / m if r.kind == "expert" else 1) for r in default)
+        record.update(model_type=self.target.model_type,
+                      parameters=self.target.parameters(),
+                      default_parameters=moe_parameter_count(default),
+                      active_parameters=round(self.target.active_parameters(k, m)),
+                      default_active_parameters=round(active))
+        return record
 
     def _movement(self, layer: int) -> dict[str, float]:
         """Per peer, the fraction of this block's MLP units that alignment moved."""
@@ -998,8 +1046,8 @@ class MergeJob:
 
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
         """Once every unit is done (so no shard looks final before the whole output is):
-        shards renamed and checked, index, side files, model card, and config.json last:
-        a folder with a config.json is a finished model."""
+        shards renamed and checked, index, side files, the plan as run (pacer_plan.yaml),
+        model card, and config.json last: a folder with a config.json is a finished model."""
         writer.finish_all()
         writer.write_index()
         config = self._output_config()
@@ -1008,16 +1056,23 @@ class MergeJob:
         tokenizer = self.anchor
         if self.models.base is not None:
             tokenizer = self.models.base
-        copy_side_files(self.out_dir, tokenizer)
-        write_card(self.out_dir, model_card(self.config, self.models.models,
-                                            self.models.spec.family, self._param_record(),
-                                            self._pacer_report()))
+        side_files = copy_side_files(self.out_dir, tokenizer)
+        as_run = plan_as_run(self.config, self.inputs, self.shard_size)
+        write_plan(self.out_dir, as_run)
+        write_card(self.out_dir, model_card(
+            as_run, self.models.models, self.models.spec.family, self._param_record(),
+            self._pacer_report(), out_config=config, command=self.options.command,
+            base=self.models.base, side_files=side_files))
         write_config(self.out_dir, config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in self.shards)
         self._write_report(state)
 
-    def _output_config(self) -> dict:
-        """The config.json of the output: the anchor's, or its MoE form once upcycled."""
+    def _output_config(self, logical: bool = False) -> dict:
+        """The config.json of the output: the anchor's, or its MoE form once upcycled (with
+        ``logical``, the default target's even when the output is llama.cpp's: the model
+        the calibration stage runs, through the TargetWriter's map)."""
+        if self.target is not None and not logical:
+            return self.target.config
         config = self.anchor.config
         if isinstance(self.layout, VitMoeLayout):
             config = vit_moe_config(config, self.layout)
@@ -1264,3 +1319,16 @@ def _clear(folder: Path, keep: tuple[Path, ...] = ()) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _in_unit_order(target: TargetLayout, recipes: list[OutRecipe]) -> list[OutTensor]:
+    """The target's tensors in the order the recipes (sorted by unit) first fill them, so
+    each unit's tensors stay together in the shards, as in the default layout."""
+    tensors = {t.name: t for t in target.tensors}
+    order: dict[str, OutTensor] = {}
+    for r in recipes:
+        for place in target.places.get(r.name, (Place(r.name),)):
+            order.setdefault(place.name, tensors[place.name])
+    if len(order) != len(tensors):
+        raise AssertionError(f"target tensors no recipe fills: {sorted(set(tensors) - set(order))}")
+    return list(order.values())

@@ -14,6 +14,8 @@ import psutil
 from . import accounting as acct
 from .config import PlanConfig
 from .errors import PacerError
+from .export.llamacpp import LLAMACPP, check_source, describe
+from .export.moe import moe_model_type
 from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
 from .io.header import DTYPES, TensorInfo
@@ -85,6 +87,8 @@ class Plan:
     min_budget_bytes: int = 0  # the smallest --max-memory this plan fits in
     min_budget_reason: str = ""  # what needs it: "<unit>: <stage and tensor or group>"
     router: str | None = None  # pacer: where the upcycled blocks' gate rows come from
+    target: str = "transformers"  # output.target
+    target_cost: str | None = None  # llama.cpp target of an upcycling plan: what it costs
 
     @property
     def read_bytes(self) -> int:
@@ -108,6 +112,7 @@ class Plan:
             "input_bytes": self.input_bytes, "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes, "write_bytes_max": self.write_bytes_max,
             "est_seconds": self.est_seconds, "groups": self.groups, "router": self.router,
+            "target": self.target, "target_cost": self.target_cost,
             "stages": [asdict(s) for s in self.stages],
             "units": [{**asdict(u), "ram_bytes": u.ram_bytes} for u in self.units],
         }
@@ -143,12 +148,20 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     peak = max(units, key=lambda u: u.ram_bytes)
     neediest = max(units, key=lambda u: u.min_need_bytes)
     write_max = sum(s.write_bytes for s in stages)
+    # the MLP weights of each block, which upcycling copies into experts
+    mlp_out = [sum(_bytes(graph.nodes[t].info, out_dtype) for t in u.tensors
+                   if graph.nodes[t].role.startswith("mlp.") and graph.nodes[t].role != "mlp.norm")
+               for u in graph.units if u.kind == "block"]
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"]:
         # every MLP block upcycled to N experts: the upper bound on output size
-        mlp_out = sum(_bytes(graph.nodes[t].info, out_dtype) for u in graph.units
-                      for t in u.tensors if graph.nodes[t].role.startswith("mlp.")
-                      and graph.nodes[t].role != "mlp.norm")
-        write_max = dense_out + (len(models.models) - 1) * mlp_out
+        write_max = dense_out + (len(models.models) - 1) * sum(mlp_out)
+    target_cost = None
+    exports_moe = models.spec.family == "vit" or moe_model_type(models.spec.family) is not None
+    if upcycling and config.output.target == LLAMACPP and exports_moe:
+        check_source(models.spec.family, models.models[0].config)  # refused before any work
+        target_cost = _target_cost(config, len(models.models), models.spec.family,
+                                   dense_out + (len(models.models) - 1) * min(mlp_out, default=0),
+                                   write_max)
     for u in units:  # every unit that does not fit says why
         least = acct.budget_for(u.min_need_bytes)
         u.problem = _too_small(u, budget, least) if budget < least else None
@@ -163,7 +176,19 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
         write_bytes_max=write_max, min_budget_bytes=min_budget,
         min_budget_reason=f"{neediest.name}: {neediest.min_need_what}",
         router=_router(config, models.spec.family),
+        target=config.output.target, target_cost=target_cost,
     )
+
+
+def _target_cost(config: PlanConfig, n: int, family: str, one_block: int,
+                 write_max: int) -> str:
+    """What the llama.cpp target costs against the default once any block is upcycled:
+    every block then holds N experts (dense ones as copies), and runs k of them."""
+    k = min(config.pacer["top_k_experts"], n)
+    return (f"{describe(family)}; once any block is upcycled the output is "
+            f"{format_size(write_max)} (the default target's: {format_size(one_block)} for one "
+            f"block) and every block's MLP runs {k} experts per token ({k}x its compute; the "
+            f"default target runs dense blocks once)")
 
 
 def _router(config: PlanConfig, family: str) -> str | None:
@@ -420,6 +445,7 @@ def render(plan: Plan) -> str:
            "data_free)"] if plan.method == "pacer" and plan.write_bytes_max > plan.write_bytes
           else []),
         "",
+        f"output target: {plan.target}" + (f" - {plan.target_cost}" if plan.target_cost else ""),
         f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.write_bytes)}"
         + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"
            if plan.write_bytes_max > plan.write_bytes else ""),

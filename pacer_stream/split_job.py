@@ -8,8 +8,9 @@
 4. ``eta``            η written to ``eta.safetensors`` (per tensor sparse or dense).
 
 Then the finish, in an order that never shows a finished-looking folder early:
-η and ``split_merge.json``, μ's shards renamed and checked, the index, side files
-and model card, and ``config.json`` last (a folder with one loads as a model).
+η and ``split_merge.json``, μ's shards renamed and checked, the index, side files,
+the plan as run and the model card, and ``config.json`` last (a folder with one loads as
+a model).
 
 Each pass keeps its accumulators in a :class:`~pacer_stream.state.PassCheckpoint`
 saved after every unit, so a killed run resumes at the unit it was in and writes
@@ -31,7 +32,8 @@ from . import failpoints
 from . import accounting as acct
 from .errors import PacerError
 from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
-from .export.dense import copy_side_files, model_card, write_card, write_config
+from .export.card import model_card, plan_as_run, write_card, write_plan
+from .export.dense import copy_side_files, write_config
 from .io.header import DTYPES
 from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic
 from .methods.sparsify import HIST_BINS, MagnitudeSelect, keep_count, threshold_mask
@@ -197,7 +199,8 @@ class SplitMergeJob(MergeJob):
 
     def _finish_output(self, state: RunState, writer: ShardWriter) -> None:
         """After every pass (η and split_merge.json are in place): μ's shards renamed and
-        checked, index, side files, model card, config.json last; then the report.
+        checked, index, side files, the plan as run, model card, config.json last; then
+        the report.
 
         Each step can be repeated, so a run killed in the middle resumes here.
         """
@@ -206,9 +209,13 @@ class SplitMergeJob(MergeJob):
         verify_shards(self.out_dir, eta_shards)
         failpoints.hit("split-finish")
         writer.write_index()
-        copy_side_files(self.out_dir, self.anchor)
-        write_card(self.out_dir, model_card(self.config, self.models.models,
-                                            self.models.spec.family, self._param_record()))
+        side_files = copy_side_files(self.out_dir, self.anchor)
+        as_run = plan_as_run(self.config, self.inputs, self.shard_size)
+        write_plan(self.out_dir, as_run)
+        write_card(self.out_dir, model_card(
+            as_run, self.models.models, self.models.spec.family, self._param_record(),
+            out_config=self.anchor.config, command=self.options.command,
+            side_files=side_files))
         write_config(self.out_dir, self.anchor.config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in (*self.shards, *eta_shards))
         self._write_report(state)

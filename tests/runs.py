@@ -18,10 +18,17 @@ def run_cli(plan: Path, *args: str, failpoint: str | None = None) -> subprocess.
                            *args], capture_output=True, text=True, env=env)
 
 
+# Files that describe the run rather than the model: the report records timings, the card
+# and the plan as run name the output folder and the command (test_card.py checks that a
+# resumed run writes them byte for byte again).
+DESCRIBING = ("pacer_report.json", "README.md", "pacer_plan.yaml")
+
+
 def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every output file but the report (which records timings)."""
+    """sha256 of every output file that makes up the model (all but DESCRIBING), so that
+    outputs in different folders, made by different commands, compare."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "pacer_report.json"}
+            if p.is_file() and p.name not in DESCRIBING}
 
 
 def random_llamas(tmp: Path, count: int, seed: int = 0, prefix: str = "m",

@@ -32,6 +32,7 @@ def test_model_mappings_revisions_and_relative_paths(tmp_path):
     assert plan.models[1].ref.repo_id == "org/name" and plan.models[1].ref.revision == "v1.0"
     assert plan.models[1].weight == 0.25 and plan.models[1].density == 0.5
     assert plan.output.shard_size == 2**30 and plan.output.dtype == "bfloat16"
+    assert plan.output.target == "transformers"
     assert plan.pacer == PACER_DEFAULTS and plan.seed == 7
 
 
@@ -43,6 +44,7 @@ def test_model_mappings_revisions_and_relative_paths(tmp_path):
     ({"models": ["a/b", {"model": "c/d", "weight": "x"}]}, "weight"),
     ({"models": ["a/b", "c/d"], "output": {"save_format": "bin"}}, "save_format"),
     ({"models": ["a/b", "c/d"], "output": {"dtype": "fp8"}}, "dtype"),
+    ({"models": ["a/b", "c/d"], "output": {"target": "gguf"}}, "target: expected one of"),
     ({"models": ["a/b", "c/d"], "method": "task_arithmetic"}, "base_model"),
     ({"models": ["a/b", "not a ref!"]}, "hub id"),
 ])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import run_cli
+from runs import DESCRIBING, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,10 +55,11 @@ def write_plan(tmp: Path, fixtures: Path, method: str, out: str) -> Path:
 
 
 def tree(folder: Path) -> dict[str, str]:
-    """sha256 of every output file, sub-folders included, but the report and the state."""
+    """sha256 of every output file, sub-folders included, but the state and the files that
+    name the folder and the command (runs.DESCRIBING: report, card, plan as run)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()
-            and p.name != "pacer_report.json" and ".pacer-state" not in p.parts}
+            and p.name not in DESCRIBING and ".pacer-state" not in p.parts}
 
 
 def looks_finished(folder: Path, finishing: bool = False) -> list[str]:

@@ -16,10 +16,12 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from pacer_stream.errors import PacerError  # noqa: E402
+from pacer_stream.export.llamacpp import TargetWriter, check_source, llamacpp_target  # noqa: E402
 from pacer_stream.export.moe import (SHARED_EXPERT_WIDTH, MoeLayout, OutRecipe,  # noqa: E402
                                      moe_config, moe_model_type,
                                      moe_parameter_count, moe_recipes)
 from pacer_stream.io.header import DTYPE_NAMES  # noqa: E402
+from pacer_stream.io.writer import OutTensor, ShardWriter, plan_shards  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=64)
@@ -383,3 +385,108 @@ def test_unsupported_source_tensors():
     del tensors["model.layers.0.mlp.down_proj.weight"]
     with pytest.raises(PacerError, match="lacks MLP weights"):
         moe_recipes(MoeLayout("llama", 1, (0,), 2, 1), tensors)
+
+
+# -- 4. the llama.cpp target (export/llamacpp.py) ------------------------------------------
+
+
+def llamacpp_export(family: str, config: dict, source: dict, folder: Path, upcycled: tuple,
+                    num_experts: int, top_k: int):
+    """The default layout's state (distinct experts, random routers) and the llama.cpp
+    layout written from it through a TargetWriter, as the executor writes; returns
+    (default model, llama.cpp model, target)."""
+    gen = torch.Generator().manual_seed(11)
+    layers = config["num_hidden_layers"]
+    layout = MoeLayout(family, layers, upcycled, num_experts, top_k)
+    recipes = moe_recipes(layout, shapes_of(source))
+    routers = {b: 3 * torch.randn(num_experts, TINY["hidden_size"], generator=gen)
+               for b in upcycled}
+    state = build_moe(recipes, source, routers, expert=lambda r: source[r.source] + 0.5 * (
+        source[r.source].std() * torch.randn(r.shape, generator=gen)))
+    default = write_and_load(folder / "default", state, moe_config(config, layout))
+    target = llamacpp_target(layout, recipes, config)
+    (folder / "llamacpp").mkdir()
+    shards = plan_shards(target.tensors, 1 << 40)
+    logical = {r.name: OutTensor(r.name, r.dtype, r.shape) for r in target.recipes}
+    writer = TargetWriter(ShardWriter(folder / "llamacpp", shards), target, logical)
+    for r in target.recipes:  # the target's own tensors (zero routers, o_proj biases) too
+        writer.write(r.name, state.get(r.name, torch.zeros(r.shape)))
+    for name, tensor in state.items():  # what the calibration stage reads back
+        assert torch.equal(writer.read(name), tensor), name
+    writer.finish_all()
+    writer.close()
+    (folder / "llamacpp" / "config.json").write_text(json.dumps(target.config))
+    model, info = AutoModelForCausalLM.from_pretrained(folder / "llamacpp",
+                                                       output_loading_info=True)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+                    "error_msgs": []}
+    return default, model.eval(), target
+
+
+@pytest.mark.parametrize("family,arch", [("llama", "MixtralForCausalLM"),
+                                         ("mistral", "MixtralForCausalLM"),
+                                         ("qwen2", "GraniteMoeForCausalLM"),
+                                         ("qwen3", "Qwen3MoeForCausalLM")])
+def test_llamacpp_target_computes_what_the_default_layout_does(family, arch, dense_models,
+                                                                tmp_path):
+    """Every block a MoE block (the dense ones as identical experts under a zero router),
+    in the class llama.cpp knows for the family: it loads in stock transformers with no
+    missing or unexpected key and gives the default layout's logits, with distinct
+    experts and a random router in the upcycled blocks (mistral: a window shorter than
+    the input; qwen3: q/k norms, head_dim 32, tied embeddings)."""
+    if family == "qwen2":  # granitemoe has no sliding window: a qwen2 without one
+        config = AutoConfig.for_model("qwen2", num_hidden_layers=3, **TINY)
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        perturb_(model, seed=105)
+        model.save_pretrained(tmp_path / "dense")
+        dense_dir = tmp_path / "dense"
+    else:
+        dense_dir = dense_models[family][1]
+    config, source = source_of(dense_dir)
+    upcycled = (0, 2) if config["num_hidden_layers"] == 3 else (1,)
+    default, moe, target = llamacpp_export(family, config, source, tmp_path, upcycled,
+                                           num_experts=3, top_k=2)
+    assert type(moe).__name__ == arch and target.model_type == moe.config.model_type
+    for layer in moe.model.layers:  # every block a MoE block of 3 experts
+        block = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        assert block.experts.num_experts == 3
+    with torch.no_grad():
+        for seed in range(2):
+            ids = tokens(seed)
+            # granitemoe softmaxes the top-k logits instead of renormalising the top-k
+            # probabilities: the same weights, rounded differently
+            torch.testing.assert_close(moe(ids).logits, default(ids).logits, rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_llamacpp_target_parameters():
+    """Dense blocks cost M copies of their MLP and run k of them; the config says so."""
+    tensors = {"model.embed_tokens.weight": ("F32", (256, 64))}
+    for b in range(2):
+        tensors |= {f"model.layers.{b}.self_attn.{p}_proj.weight": ("F32", (64, 64))
+                    for p in "qkvo"}
+        tensors |= {f"model.layers.{b}.mlp.gate_proj.weight": ("F32", (128, 64)),
+                    f"model.layers.{b}.mlp.up_proj.weight": ("F32", (128, 64)),
+                    f"model.layers.{b}.mlp.down_proj.weight": ("F32", (64, 128))}
+    layout = MoeLayout("llama", 2, (1,), 4, 2)
+    target = llamacpp_target(layout, moe_recipes(layout, tensors),
+                             {**BASE, "num_hidden_layers": 2})
+    mlp = 3 * 128 * 64
+    attention, embed, router = 4 * 64 * 64, 256 * 64, 4 * 64
+    assert target.parameters() == embed + 2 * (attention + 4 * mlp + router)
+    assert target.active_parameters(2, 4) == embed + 2 * (attention + 2 * mlp + router)
+    assert target.config["num_local_experts"] == 4 and target.config["num_experts_per_tok"] == 2
+    assert not any("bias" in t.name or "shared_expert" in t.name for t in target.tensors)
+
+
+@pytest.mark.parametrize("family,extra,message", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
+     "sliding-window"),
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("vit", {}, "no llama.cpp MoE layout"),
+])
+def test_llamacpp_target_refuses_what_it_cannot_represent(family, extra, message):
+    with pytest.raises(PacerError, match=message) as err:
+        check_source(family, {**BASE, **extra})
+    assert "\n" not in str(err.value) and "target: transformers" in str(err.value)

@@ -301,3 +301,45 @@ def test_deviation_norm_router_is_refused_for_stock_moe_exports(tmp_path, fixtur
     proc = run_budgeted(plan)
     assert proc.returncode == 2 and "router_mode" in proc.stderr and "ViT-MoE" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_llamacpp_target_gives_the_default_layouts_logits(merged, tmp_path, fixtures_dir):
+    """output.target llama.cpp: the same merge as a mixtral checkpoint whose every block
+    is a MoE block; plan states the cost up front, the report counts it, and transformers
+    computes the default layout's logits from it."""
+    import transformers
+
+    plan = write_plan(tmp_path, fixtures_dir)
+    plan.write_text(plan.read_text().replace("shard_size: 200KB}",
+                                             "shard_size: 200KB, target: llama.cpp}"))
+    shown = CliRunner().invoke(main, ["plan", str(plan)])
+    assert shown.exit_code == 0 and "output target: llama.cpp - mixtral" in shown.output
+    proc = run_budgeted(plan)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 3
+    target = json.loads((tmp_path / "out" / "pacer_report.json").read_text())["pacer"]["target"]
+    assert target["name"] == "llama.cpp" and target["model_type"] == "mixtral"
+    assert target["parameters"] > target["default_parameters"]
+    assert target["active_parameters"] > target["default_active_parameters"]
+    ids = torch.tensor([[1, 5, 9, 200, 3, 7, 7, 42]])
+    logits = []
+    for folder in (merged, tmp_path / "out"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-6)
+
+
+def test_llamacpp_target_refuses_a_vit_before_any_work(tmp_path, fixtures_dir):
+    models = ", ".join(str(fixtures_dir / "vit" / m) for m in ("ft1", "ft2"))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{models}]\nmethod: pacer\npacer: {{router: data_free}}\n"
+                    f"output: {{path: {tmp_path / 'out'}, target: llama.cpp}}\n")
+    for command in ("plan", "run"):
+        result = CliRunner().invoke(main, [command, str(plan), "--quiet"][:3 if command == "run"
+                                                                           else 2])
+        assert result.exit_code == 2, result.output
+        assert "no llama.cpp MoE layout for vit" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -18,13 +18,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import make_header_only
+from runs import DESCRIBING
 
 FAMILY = "llama"
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """sha256 of the files that make up the model (weights, index, config, card)."""
-    names = [p for p in folder.iterdir() if p.is_file() and p.name != "pacer_report.json"]
+    """sha256 of the files that make up the model (weights, index, config, side files); not
+    the report, card and plan as run, which name the folder (runs.DESCRIBING; test_card.py
+    checks that a resume writes the card and the plan again byte for byte)."""
+    names = [p for p in folder.iterdir() if p.is_file() and p.name not in DESCRIBING]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(names)}
 
 

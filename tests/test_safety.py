@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import make_fixtures
-from runs import run_cli
+from runs import DESCRIBING, run_cli
 
 FAMILY = "llama"
 PEERS = ("ft1", "ft2", "ft3")
@@ -37,9 +37,10 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def model_digest(folder: Path) -> dict[str, str]:
-    """sha256 of the files of a merged model (not the report, which records timings)."""
+    """sha256 of the files of a merged model (not runs.DESCRIBING: the report records
+    timings, the card and the plan as run name the folder and the command)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "pacer_report.json"}
+            if p.is_file() and p.name not in DESCRIBING}
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Output folder files for a dense merge: config, tokenizer, model card, report."""
+"""Output folder files for a dense merge: config and tokenizer (the model card and
+the plan as run are export/card.py's)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import fnmatch
 import json
 from pathlib import Path
 
-from .. import __version__
-from ..config import PlanConfig
 from ..io.reader import CheckpointIndex
 from ..io.writer import write_atomic
 
@@ -37,53 +36,3 @@ def copy_side_files(out_dir: Path, source: CheckpointIndex) -> list[str]:
         write_atomic(out_dir / name, src.read(0, src.size()))
         copied.append(name)
     return copied
-
-
-def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
-               params: dict, pacer: dict | None = None) -> str:
-    """A README.md that says exactly how the model was made (no timestamps: reproducible)."""
-    lines = [
-        "---",
-        "tags: [merge, pacer-stream]",
-        "---",
-        f"# {config.project_name}",
-        "",
-        f"A `{config.method}` merge of {len(config.models)} {family} checkpoints, made with "
-        f"pacer-stream {__version__}.",
-        "",
-        "## Inputs",
-        "",
-    ]
-    for entry, index in zip(config.models, inputs):
-        revision = index.files.label
-        lines.append(f"- `{entry.ref}` (weight {entry.weight}" +
-                     (f", density {entry.density}" if entry.density is not None else "") +
-                     f"; read from `{revision}`)")
-    if config.base_model is not None:
-        lines.append(f"- base model: `{config.base_model}`")
-    lines += [
-        "",
-        "## Method",
-        "",
-        "```json",
-        json.dumps({"method": config.method, "seed": config.seed, **params}, indent=2,
-                   sort_keys=True),
-        "```",
-        "",
-    ]
-    if pacer is not None:
-        d = pacer["decision"]
-        if pacer["exported_as"] != "dense":
-            kind = (pacer.get("router") or {}).get("kind", "linear")
-            lines.append(f"Exported as `{pacer['exported_as']}`: MLP blocks {d['blocks']} were "
-                         f"upcycled to {d['num_experts']} experts each (top-{d['top_k']} "
-                         f"{kind} router); parameters {pacer['parameters']['growth']:.3f}x the "
-                         "source's.")
-        else:
-            lines.append(f"All blocks merged dense ({d['note'] or 'no block over the threshold'}).")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_card(out_dir: Path, text: str) -> None:
-    write_atomic(out_dir / "README.md", text)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import PacerError
@@ -32,9 +32,12 @@ HUB_ALLOW_PATTERNS = [
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A parsed model reference: exactly one of ``path`` and ``repo_id`` is set."""
+    """A parsed model reference: exactly one of ``path`` and ``repo_id`` is set.
 
-    text: str
+    Two references are equal when they name the same model (``./ft1`` and its absolute
+    path are one folder): ``text``, what the user wrote, is kept for messages only."""
+
+    text: str = field(compare=False)
     path: Path | None = None
     repo_id: str | None = None
     revision: str | None = None

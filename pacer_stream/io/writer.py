@@ -12,6 +12,7 @@ its tensors are written. A crash therefore leaves no file that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -126,33 +127,42 @@ class ShardWriter:
 
     def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
         """Write ``data`` (already in the output dtype) as rows from ``first_row`` on."""
+        self.write_at(name, data, first_row * math.prod(self.where[name][1].shape[1:]))
+
+    def write_at(self, name: str, data: torch.Tensor, first: int) -> None:
+        """Write ``data`` at element ``first`` of tensor ``name`` in its flat (row-major)
+        order: a part of a fused tensor (export/llamacpp.py), or rows of a whole one."""
         shard, info = self.where[name]
         if DTYPE_NAMES[data.dtype] != info.dtype:
             raise AssertionError(f"{name}: writing {data.dtype} into a {info.dtype} slot")
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        if first_row * row_bytes + len(raw) > info.nbytes:  # would overwrite the next tensor
-            raise AssertionError(f"{name}: {len(raw)} bytes from row {first_row} run past its "
+        start = first * DTYPES[info.dtype][1]
+        if start + len(raw) > info.nbytes:  # would overwrite the next tensor
+            raise AssertionError(f"{name}: {len(raw)} bytes from element {first} run past its "
                                  f"{info.nbytes}-byte slot")
-        self._pwrite(self._fd(shard), memoryview(raw), shard.offsets[name] + first_row * row_bytes,
-                     shard)
+        self._pwrite(self._fd(shard), memoryview(raw), shard.offsets[name] + start, shard)
         self.dirty.add(shard.file)
 
     def read(self, name: str) -> torch.Tensor:
         """A tensor written earlier (this run or an interrupted one), read back from its
         shard: how a later pass (the router calibration) runs the blocks already merged."""
+        info = self.where[name][1]
+        return self.read_at(name, 0, info.nbytes // DTYPES[info.dtype][1]).reshape(info.shape)
+
+    def read_at(self, name: str, first: int, count: int) -> torch.Tensor:
+        """``count`` elements of tensor ``name`` from element ``first`` on, flat."""
         shard, info = self.where[name]
+        size = DTYPES[info.dtype][1]
         fd = self._fd(shard)
-        data = bytearray(info.nbytes)
-        view, offset = memoryview(data), shard.offsets[name]
+        data = bytearray(count * size)
+        view, offset = memoryview(data), shard.offsets[name] + first * size
         while view:
             got = os.preadv(fd, [view], offset)
             if got == 0:
                 raise PacerError(f"{self.out_dir / shard.partial}: ends inside tensor {name!r}")
             view, offset = view[got:], offset + got
-        flat = torch.frombuffer(data, dtype=DTYPES[info.dtype][0]) if data else \
+        return torch.frombuffer(data, dtype=DTYPES[info.dtype][0]) if data else \
             torch.empty(0, dtype=DTYPES[info.dtype][0])
-        return flat.reshape(info.shape)
 
     def _pwrite(self, fd: int, data, offset: int, shard: Shard) -> None:
         view = memoryview(data).cast("B")
