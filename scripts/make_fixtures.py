@@ -14,6 +14,14 @@ mistral in bfloat16, so those code paths get exercised too. Output is
 deterministic: the same command writes the same bytes.
 
     python scripts/make_fixtures.py --out fixtures
+
+With ``--gpt2-tokenizer`` it writes instead, under OUT/gpt2/<family>/, decoder
+families whose vocabulary is GPT-2's real one (50257 tokens, with its tokenizer.json
+rebuilt from llama.cpp's ggml-vocab-gpt-2.gguf), so that merges of them convert to
+GGUF and run in llama.cpp (benchmarks/bench_runtimes.py, tests/test_runtimes.py):
+
+    python scripts/make_fixtures.py --out /tmp/fx --gpt2-tokenizer \
+        llama.cpp/models/ggml-vocab-gpt-2.gguf
 """
 
 from __future__ import annotations
@@ -53,13 +61,14 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
 NOISE = 0.02  # relative size of a fine-tune's deviation from the anchor
 
 
-def make_model(family: str, seed: int = 0):
-    """A freshly initialised tiny transformers model of ``family`` (fp32, eval mode)."""
+def make_model(family: str, seed: int = 0, **overrides):
+    """A freshly initialised tiny transformers model of ``family`` (fp32, eval mode);
+    ``overrides`` replace config values of FAMILIES."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     config_cls, model_cls, kwargs, _ = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # default init leaves norms at exactly 1 and biases at 0:
@@ -145,19 +154,122 @@ def make_conflict(out: Path) -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     anchor = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    conflict = f"model.layers.{CONFLICT_BLOCK}.mlp."
     for k in range(1, 4):
-        gen = torch.Generator().manual_seed(500 + k)
-        state = {}
-        for key, v in anchor.items():
-            scale = CONFLICT_NOISE if key.startswith(conflict) else NOISE
-            noise = torch.randn(v.shape, generator=gen)
-            state[key] = v + scale * v.std().nan_to_num(1.0) * noise if v.numel() > 1 else v.clone()
-        model.load_state_dict(state)
+        model.load_state_dict(conflict_state(anchor, seed=500 + k))
         target = out / "conflict" / f"m{k}"
         if target.exists():
             shutil.rmtree(target)
         model.save_pretrained(target)
+
+
+def conflict_state(anchor: dict[str, torch.Tensor], seed: int,
+                   block: int = CONFLICT_BLOCK) -> dict[str, torch.Tensor]:
+    """A fine-tune that disagrees with its siblings (other seeds) in one MLP block only:
+    the anchor plus NOISE everywhere, plus CONFLICT_NOISE on ``block``'s MLP weights."""
+    gen = torch.Generator().manual_seed(seed)
+    conflict = f"model.layers.{block}.mlp."
+    state = {}
+    for key, v in anchor.items():
+        scale = CONFLICT_NOISE if key.startswith(conflict) else NOISE
+        noise = torch.randn(v.shape, generator=gen)
+        state[key] = v + scale * v.std().nan_to_num(1.0) * noise if v.numel() > 1 else v.clone()
+    return state
+
+
+# --gpt2-tokenizer: decoders with GPT-2's real vocabulary, for llama.cpp's converter, which
+# names a BPE pre-tokenizer by hashing how the tokenizer encodes a test text: a toy
+# vocabulary has no known hash, so only a real tokenizer converts (and loads in llama.cpp).
+GPT2_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+GPT2_LAYERS = 4  # CONFLICT_BLOCK (2) is the block the fine-tunes disagree on
+GPT2_CONTROL = 3  # gguf.TokenType.CONTROL: the special tokens (<|endoftext|>)
+
+
+def import_gguf(vocab_file: Path):
+    """gguf-py: the copy in the llama.cpp tree the vocab file comes from (the version that
+    wrote it), else an installed ``gguf`` package."""
+    tree = vocab_file.resolve().parents[1] / "gguf-py"
+    if tree.is_dir() and str(tree) not in sys.path:
+        sys.path.insert(0, str(tree))
+    import gguf
+
+    return gguf
+
+
+def gpt2_vocab(vocab_file: Path) -> dict:
+    """GPT-2's tokenizer as llama.cpp stores it: tokens, token types, merges, bos/eos ids."""
+    reader = import_gguf(vocab_file).GGUFReader(str(vocab_file))
+    value = lambda key: reader.fields[f"tokenizer.ggml.{key}"].contents()  # noqa: E731
+    return {"tokens": value("tokens"), "types": value("token_type"), "merges": value("merges"),
+            "bos": int(value("bos_token_id")), "eos": int(value("eos_token_id"))}
+
+
+def gpt2_tokenizer_files(vocab: dict) -> dict[str, str]:
+    """tokenizer.json (byte-level BPE, as GPT-2's) and tokenizer_config.json for ``vocab``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = vocab["tokens"]
+    merges = [tuple(m.split(" ")) for m in vocab["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                     continuing_subword_prefix="", end_of_word_suffix="",
+                                     fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                  for i, kind in enumerate(vocab["types"]) if kind == GPT2_CONTROL])
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": tokens[vocab["bos"]],
+              "eos_token": tokens[vocab["eos"]], "unk_token": tokens[vocab["eos"]],
+              "add_bos_token": False, "add_prefix_space": False, "model_max_length": 1024}
+    return {"tokenizer.json": tokenizer.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
+
+
+def gpt2_tokenizer_mismatches(folder: Path, vocab_file: Path) -> list[str]:
+    """The texts of llama.cpp's own test of this vocabulary (ggml-vocab-gpt-2.gguf.inp and
+    .out, next to it) that folder's tokenizer.json encodes otherwise: [] for GPT-2's."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = Path(f"{vocab_file}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    wanted = Path(f"{vocab_file}.out").read_text(encoding="utf-8").split("\n")
+    if len(texts) != len(wanted):
+        raise ValueError(f"{vocab_file}.inp has {len(texts)} texts, .out {len(wanted)} encodings")
+    return [text for text, ids in zip(texts, wanted)
+            if tokenizer.encode(text, add_special_tokens=False).ids != [int(i) for i in ids.split()]]
+
+
+def make_gpt2_family(family: str, out: Path, vocab: dict) -> Path:
+    """OUT/gpt2/<family>/{anchor,ft1,ft2,ft3}: a GPT2_LAYERS-block decoder with GPT-2's
+    vocabulary and tokenizer, and three fine-tunes that disagree strongly only on block
+    CONFLICT_BLOCK's MLP (PACER upcycles that block alone at interference_threshold 0.35,
+    as plans/tiny-smoke.yaml, and every block at 0)."""
+    model = make_model(family, vocab_size=len(vocab["tokens"]), bos_token_id=vocab["bos"],
+                       eos_token_id=vocab["eos"], num_hidden_layers=GPT2_LAYERS,
+                       tie_word_embeddings=False)
+    base = out / "gpt2" / family
+    anchor = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states = {"anchor": anchor} | {f"ft{k}": conflict_state(anchor, seed=700 + 10 * k + len(family))
+                                   for k in (1, 2, 3)}
+    files = gpt2_tokenizer_files(vocab)
+    for name, state in states.items():
+        model.load_state_dict(state)
+        save(model, base / name, family)
+        for file, text in files.items():
+            (base / name / file).write_text(text, encoding="utf-8")
+    return base
+
+
+def make_gpt2_families(out: Path, vocab_file: Path, families: list[str]) -> Path:
+    """Every GPT-2-vocabulary family asked for, and OUT/gpt2/FIXTURES.json to tell them by."""
+    import hashlib
+
+    vocab = gpt2_vocab(vocab_file)
+    for family in families:
+        make_gpt2_family(family, out, vocab)
+    stamp = {"families": sorted(families), "script": script_digest(),
+             "vocab": hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]}
+    (out / "gpt2" / "FIXTURES.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return out / "gpt2"
 
 
 def script_digest() -> str:
@@ -171,7 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("fixtures"))
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES))
+    parser.add_argument("--gpt2-tokenizer", type=Path, metavar="GGUF",
+                        help="llama.cpp's models/ggml-vocab-gpt-2.gguf: write the GPT-2-vocabulary "
+                             f"families ({', '.join(GPT2_FAMILIES)}) under OUT/gpt2 instead")
     args = parser.parse_args(argv)
+    if args.gpt2_tokenizer:
+        families = args.family or list(GPT2_FAMILIES)
+        if not set(families) <= set(GPT2_FAMILIES):
+            parser.error(f"--gpt2-tokenizer makes only {', '.join(GPT2_FAMILIES)}")
+        where = make_gpt2_families(args.out, args.gpt2_tokenizer, families)
+        print(f"wrote GPT-2-vocabulary fixtures for {', '.join(families)} under {where}")
+        return 0
     for family in args.family or list(FAMILIES):
         make_family(family, args.out)
     if not args.family:
