@@ -24,6 +24,10 @@ PLANS = {
              "method: ties\nparameters: {density: 0.5}\n"),
     "pacer": ("conflict", ("m1", "m2", "m3"),  # upcycles block 2 to experts
               "method: pacer\npacer: {interference_threshold: 0.35, router: data_free}\n"),
+    # the same, written for llama.cpp (every block MoE; the calibration reads the written
+    # blocks back through export/llamacpp.py's map, after the kill too)
+    "pacer_llamacpp": ("conflict", ("m1", "m2", "m3"),
+                       "method: pacer\npacer: {interference_threshold: 0.35, router: data_free}\n"),
     "split_merge": ("llama", ("ft1", "ft2", "perm"),
                     "method: split_merge\nparameters: {density: 0.3}\n"),
     "align_only": ("llama", ("anchor", "perm"), "method: linear\nalign: only\n"),
@@ -34,6 +38,7 @@ CASES = [
     ("pacer", "stats-unit:2"), ("pacer", "tensor-written:9"),  # align-unit: align_only's
     ("pacer", "calibrated-block:2"),  # the data-free router's stage
     ("pacer", "generated-model:2"), ("pacer", "regmean-block:3"),  # its samples, RegMean
+    ("pacer_llamacpp", "calibrated-block:2"),
     # split_merge: 4 units a pass: variance-high 1-4, variance-low (μ) 5-8, gram 9-12,
     # eta 13-16; then its finish: η and split_merge.json written (1), μ's shards renamed (2)
     ("split_merge", "unit-done:2"), ("split_merge", "unit-done:6"),
@@ -49,8 +54,9 @@ def write_plan(tmp: Path, fixtures: Path, method: str, out: str) -> Path:
     family, names, lines = PLANS[method]
     refs = ", ".join(str(fixtures / family / m) for m in names)
     plan = tmp / f"{out}.yaml"
+    target = ", target: llama.cpp" if method.endswith("llamacpp") else ""
     plan.write_text(f"models: [{refs}]\n{lines}seed: 2\n"
-                    f"output: {{path: {tmp / out}, shard_size: 60KB}}\n")
+                    f"output: {{path: {tmp / out}, shard_size: 60KB{target}}}\n")
     return plan
 
 
