@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import parse_plan
+from .errors import PacerError
 from .executor import RunOptions, run_merge
 from .sizes import parse_size
 
@@ -49,17 +51,22 @@ class PACERMerger:
               interference_threshold: float = 0.35, top_k_experts: int = 2,
               dropout_rate: float | None = None, anchor_strategy: str = "first",
               enable_moe_upcycle: bool = True, shard_size: str = "5GB",
+              target: str = "transformers", restart: bool = False, force: bool = False,
               **pacer_options: Any) -> dict:
         """Run the merge; returns a summary (output, export format, upcycled blocks, sizes).
 
         Further ``pacer_options`` are the plan's ``pacer`` keys, e.g.
         ``max_param_growth=1.36`` or ``max_experts=2``. ``dropout_rate`` is PacerKit's
         DARE rate; PACER's dense layers are the models' mean, so a value is refused.
+        ``target`` is the plan's ``output.target`` (``"llama.cpp"``: every block a MoE
+        block). ``restart`` and ``force`` are ``pacer-stream run``'s ``--restart`` (discard
+        this output's earlier, unfinished or changed run) and ``--force`` (overwrite a
+        folder that holds something else).
         """
         raw = {
             "project_name": self.project_name, "models": self.models, "method": "pacer",
             "seed": self.seed,
-            "output": {"path": str(output_path), "shard_size": shard_size},
+            "output": {"path": str(output_path), "shard_size": shard_size, "target": target},
             "pacer": {"interference_threshold": interference_threshold,
                       "top_k_experts": top_k_experts, "anchor_strategy": anchor_strategy,
                       "enable_moe_upcycle": enable_moe_upcycle, **pacer_options},
@@ -73,11 +80,27 @@ class PACERMerger:
             "interference_threshold": interference_threshold, "top_k_experts": top_k_experts,
             "dropout_rate": dropout_rate, "anchor_strategy": anchor_strategy,
             "enable_moe_upcycle": enable_moe_upcycle, "shard_size": shard_size,
-            **pacer_options})
+            "target": target, **pacer_options})  # restart and force change no output
         command = ("from pacer_stream import PACERMerger", "",
                    f"merger = {self._init_call}", call)
-        summary = run_merge(config, dataclasses.replace(self.options, command=command))
+        try:
+            summary = run_merge(config, dataclasses.replace(self.options, command=command,
+                                                            restart=restart, force=force))
+        except PacerError as exc:
+            raise PacerError(api_advice(str(exc))) from None
         return summarize(summary.out_dir)
+
+
+# the CLI options an error may advise, as the Python API spells them
+API_SPELLING = {"--restart": "restart=True", "--force": "force=True",
+                "--max-memory": "max_memory"}
+
+
+def api_advice(message: str) -> str:
+    """An engine error whose advice names CLI options, with the API's arguments instead."""
+    for option, argument in API_SPELLING.items():
+        message = re.sub(re.escape(option) + r"(?![\w-])", argument, message)
+    return message
 
 
 def call_form(name: str, func: Callable, args: list, kwargs: dict[str, Any]) -> str:

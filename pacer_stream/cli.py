@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import PacerError
 from .sizes import parse_size
 
@@ -47,7 +48,9 @@ def os_error_line(exc: OSError) -> str:
     return " ".join(f"{where}: {reason}; {advice}".split())
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="pacer-stream",
+                      message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:

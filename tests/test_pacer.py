@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import make_fixtures
 from runs import digests, run_cli
+from pacer_stream import __version__
 from pacer_stream.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,3 +344,32 @@ def test_llamacpp_target_refuses_a_vit_before_any_work(tmp_path, fixtures_dir):
         assert "no llama.cpp MoE layout for vit" in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_python_api_restart_and_force(tmp_path, fixtures_dir):
+    """The API's errors advise its own arguments, and restart/force do what the CLI's
+    --restart/--force do: force overwrites a folder holding something else, restart
+    discards a finished merge of another plan."""
+    from pacer_stream import PACERMerger
+    from pacer_stream.errors import PacerError
+
+    merger = PACERMerger([str(fixtures_dir / "llama" / m) for m in ("ft1", "ft2")])
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(PacerError, match=r"pass force=True") as err:
+        merger.merge(out, enable_moe_upcycle=False)
+    assert "--force" not in str(err.value) and (out / "notes.txt").read_text() == "mine"
+    assert merger.merge(out, enable_moe_upcycle=False, force=True)["exported_as"] == "dense"
+    assert not (out / "notes.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(PacerError, match=r"re-run with restart=True"):
+        merger.merge(out, enable_moe_upcycle=False, interference_threshold=0.2)
+    assert merger.merge(out, enable_moe_upcycle=False, interference_threshold=0.2,
+                        restart=True)["exported_as"] == "dense"
+
+
+def test_version_and_short_help():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"pacer-stream {__version__}"
+    shown = CliRunner().invoke(main, ["-h"])  # click names the program after its caller
+    assert shown.exit_code == 0 and "Stream-merge N fine-tuned checkpoints" in shown.output
