@@ -239,3 +239,39 @@ def test_mergekit_parity_when_installed():
     majority = stack.sum(0) >= 0
     ours = ((stack > 0) == majority) & (stack != 0)
     assert torch.equal(mask, ours)
+
+
+@pytest.mark.parametrize("case", ["random", "bf16-ties", "zeros", "nonfinite", "nan-heavy"])
+@pytest.mark.parametrize("slices", [1, 3])
+def test_prune_is_the_keep_mask_bit_for_bit(case, slices):
+    """MagnitudeSelect.prune_ (hardshrink, then the ties put back) zeroes exactly what the
+    bit-pattern keep-mask drops, to the bit (the sign of zero included), whole or sliced,
+    with many ties at the threshold (bf16 task vectors), zeros of both signs, inf and NaN."""
+    from pacer_stream.methods.sparsify import MagnitudeSelect, magnitude_bits
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6000, generator=gen) * 0.01
+    if case == "bf16-ties":  # few distinct magnitudes: many elements equal the threshold
+        x = x.to(torch.bfloat16).float()
+    elif case == "zeros":
+        x[::3], x[1::3] = 0.0, -0.0
+    elif case == "nonfinite":
+        x[5], x[50], x[500] = float("nan"), float("inf"), -float("inf")
+    elif case == "nan-heavy":  # the k-th largest magnitude is itself a NaN
+        x[:4000] = float("nan")
+    for density in (0.5, 0.013, 1.0):
+        old, new = MagnitudeSelect(x.numel(), density), MagnitudeSelect(x.numel(), density)
+        parts = list(x.tensor_split(slices))
+        for select in (old, new):
+            for part in parts:
+                select.observe_high(magnitude_bits(part))
+            for part in parts:
+                select.observe_low(magnitude_bits(part))
+        want = torch.cat([p.masked_fill(~old.mask(magnitude_bits(p)), 0) for p in parts])
+        got = []
+        for p in parts:
+            p = p.clone()
+            new.prune_(p, magnitude_bits(p))
+            got.append(p)
+        got = torch.cat(got)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (case, density)

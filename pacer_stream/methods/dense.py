@@ -197,8 +197,7 @@ class TensorMerge:
         if m.sparsify == "magnitude":
             bits, self._bits = self._bits, None
             for k in range(n):
-                mask = self.select[k].mask(bits[k] if bits else magnitude_bits(d[k]))
-                d[k].masked_fill_(~mask.reshape(d[k].shape), 0)  # cheaper than a bool multiply
+                self.select[k].prune_(d[k], bits[k] if bits else magnitude_bits(d[k]))
         elif m.sparsify == "random":
             for k in range(n):
                 if p.densities[k] < 1:
