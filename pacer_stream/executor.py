@@ -606,10 +606,8 @@ class MergeJob:
             extra = sum(self._mlp_params(b) * (experts - 1) + experts * self.models.graph.dims[
                 "residual"] for b in blocks)
             return (self.source_params + extra) / self.source_params
-        shapes = {t: (self.anchor.tensors[t].dtype, tuple(self.anchor.tensors[t].shape))
-                  for t in self.order}
         _, recipes, target = self._moe_layout(
-            blocks, experts, min(self.config.pacer["top_k_experts"], experts), shapes)
+            blocks, experts, min(self.config.pacer["top_k_experts"], experts), self._shapes())
         count = moe_parameter_count(recipes) if target is None else target.parameters()
         return count / self.source_params
 

@@ -29,10 +29,10 @@ from ..errors import PacerError
 from ..io.reader import CheckpointIndex
 from ..io.sources import ModelRef
 from ..io.writer import write_atomic
+from .llamacpp import LLAMACPP
 
 PLAN_FILE = "pacer_plan.yaml"
 CARD_FILE = "README.md"
-LLAMACPP = "llama.cpp"  # output.target of export/llamacpp.py
 # `pacer-stream run` options left out of the recorded command: none changes the output's bytes
 UNRECORDED_OPTIONS = ("--max-memory", "--state-dir", "--restart", "--force", "--hash-inputs",
                       "--quiet", "--debug")
@@ -133,8 +133,7 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
                 shard_size: int) -> PlanConfig:
     """The plan that reproduces this run: ``--shard-size`` folded in, and hub models
     pinned to the commit read (``inputs``: the models' indexes, then the base's)."""
-    refs = [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
-    pinned = {id(ref): _pinned(ref, index) for ref, index in zip(refs, inputs)}
+    pinned = {id(ref): _pinned(ref, index) for ref, index in zip(_refs(config), inputs)}
 
     def pin(ref):
         return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
@@ -144,6 +143,11 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
         config, models=tuple(dataclasses.replace(e, ref=pin(e.ref)) for e in config.models),
         base_model=pin(config.base_model), pacer=pacer,
         output=dataclasses.replace(config.output, shard_size=shard_size))
+
+
+def _refs(config: PlanConfig) -> list[ModelRef]:
+    """The models' references, then the base model's (the order of the run's inputs)."""
+    return [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
 
 
 def _pinned(ref: ModelRef, index: CheckpointIndex) -> ModelRef:
@@ -224,8 +228,7 @@ def task(config: dict) -> tuple[str, str]:
 def base_model_names(config: PlanConfig) -> list[str]:
     """The hub's ``base_model`` list: hub inputs by repo id, local ones by folder name (a
     local path names nothing on the hub; its folder name is what an upload usually keeps)."""
-    refs = [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
-    names = [ref.repo_id if ref.repo_id else ref.path.name for ref in refs]
+    names = [ref.repo_id if ref.repo_id else ref.path.name for ref in _refs(config)]
     return list(dict.fromkeys(names))
 
 
@@ -410,7 +413,7 @@ def _preprocessor(tag: str, side_files: Sequence[str]) -> str | None:
 def _llamacpp(config: PlanConfig, out_config: dict, moe: bool) -> list[str]:
     """llama.cpp runs dense decoders and the llama.cpp target's MoE; not the default
     qwen2_moe export, nor a qwen3_moe one with dense blocks (export/llamacpp.py)."""
-    target = getattr(config.output, "target", "transformers")
+    target = config.output.target
     model_type = out_config.get("model_type")
     unsupported = target != LLAMACPP and (model_type == "qwen2_moe" or (
         model_type == "qwen3_moe" and out_config.get("mlp_only_layers")))

@@ -148,21 +148,20 @@ class _Builder:
         layer, rest = _parse(r.name, self.prefix)
         proj = _mlp_proj(rest)
         if layer is not None and proj is not None:  # a dense block's MLP: M copies
-            self._place(r, [self._expert(layer, e, proj) for e in range(self.layout.num_experts)])
+            self._place(r, [self._expert(layer, e, proj, r.dtype)
+                            for e in range(self.layout.num_experts)])
             seen = self._mlp_seen.setdefault(layer, set())
             seen.add(proj)
             if seen == set(MLP_PROJS):
                 self._zero_router(layer, r.dtype)
         elif r.kind == "expert":
-            self._place(r, [self._expert(layer, r.expert, _expert_proj(rest))])
+            self._place(r, [self._expert(layer, r.expert, _expert_proj(rest), r.dtype)])
         elif r.kind == "router":
             self._place(r, [self._router(layer, r.dtype)])
-        elif r.kind == "zeros" and (rest.startswith("mlp.shared_expert")
-                                    or rest.endswith("_proj.bias")):
-            if rest.endswith("_proj.bias") and self.target == "granitemoe":
-                self._place(r, [self._declare(r.name, r.dtype, r.shape)])  # qwen2's own q/k/v
-            else:
-                self.places[r.name] = ()  # an exact zero with no slot here
+        elif r.kind == "zeros" and (rest.startswith("mlp.shared_expert") or (
+                rest.endswith("_proj.bias") and self.target != "granitemoe")):
+            self.places[r.name] = ()  # an exact zero with no slot here (granitemoe has q/k/v
+            # biases: a zero one stays, below)
         else:
             self._place(r, [self._declare(r.name, r.dtype, r.shape)])
             if self.target == "granitemoe" and rest == "self_attn.o_proj.weight":
@@ -187,9 +186,8 @@ class _Builder:
 
     def _zero_router(self, layer: int, dtype: str) -> None:
         """A dense block's router: all zero, so its identical experts tie."""
-        name = self._router(layer, dtype).name
-        self.recipes.append(OutRecipe(name, dtype, (self.layout.num_experts, self.hidden),
-                                      "zeros", layer=layer))
+        self._zeros(self._router(layer, dtype).name, dtype,
+                    (self.layout.num_experts, self.hidden), layer)
 
     def _router(self, layer: int, dtype: str) -> Place:
         block = f"{self.prefix}{layer}."
@@ -198,7 +196,7 @@ class _Builder:
                 "qwen3_moe": "mlp.gate.weight"}[self.target]
         return self._declare(block + name, dtype, (self.layout.num_experts, self.hidden))
 
-    def _expert(self, layer: int, e: int, proj: str) -> Place:
+    def _expert(self, layer: int, e: int, proj: str, dtype: str) -> Place:
         """Where expert ``e``'s ``proj`` weight of block ``layer`` lands."""
         block, m, inter, hidden = f"{self.prefix}{layer}.", self.layout.num_experts, \
             self.inter, self.hidden
@@ -206,27 +204,19 @@ class _Builder:
         if self.target == "granitemoe":  # fused: [M, 2I, H] gate then up, [M, H, I] down
             if proj == "down_proj":
                 place = Place(block + "block_sparse_moe.output_linear.weight", e * hidden * inter)
-                self._declare(place.name, self._dtype(layer), (m, hidden, inter))
+                self._declare(place.name, dtype, (m, hidden, inter))
             else:
                 offset = (2 * e + (proj == "up_proj")) * inter * hidden
                 place = Place(block + "block_sparse_moe.input_linear.weight", offset)
-                self._declare(place.name, self._dtype(layer), (m, 2 * inter, hidden))
+                self._declare(place.name, dtype, (m, 2 * inter, hidden))
         elif self.target == "mixtral":
             place = self._declare(f"{block}block_sparse_moe.experts.{e}."
-                                  f"{MIXTRAL_NAMES[proj]}.weight", self._dtype(layer), shape)
+                                  f"{MIXTRAL_NAMES[proj]}.weight", dtype, shape)
         else:
-            place = self._declare(f"{block}mlp.experts.{e}.{proj}.weight", self._dtype(layer),
+            place = self._declare(f"{block}mlp.experts.{e}.{proj}.weight", dtype,
                                   shape)
         self.experts.add(place.name)
         return place
-
-    def _dtype(self, layer: int) -> str:
-        """The dtype of block ``layer``'s MLP (its first MLP recipe's)."""
-        for r in reversed(self.recipes):
-            found, rest = _parse(r.name, self.prefix)
-            if found == layer and (_mlp_proj(rest) or r.kind == "expert"):
-                return r.dtype
-        raise AssertionError(f"block {layer}: no MLP recipe seen")
 
 
 def _expert_proj(rest: str) -> str:
