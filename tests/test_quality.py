@@ -179,3 +179,14 @@ def test_upcycled_pacer_with_few_shot_router_beats_linear(tmp_path):
     engine = rows["pacer-dense-fewshot"]["mean_retention"]
     assert abs(ceiling["nothing"][1] - engine) < 0.01, (ceiling["nothing"], engine)
     assert ceiling["mlp"][1] >= ceiling["nothing"][1]  # each domain's own MLPs can only help
+    # gate_bound.py re-runs the M = N merge and scores it under oracle routing: its exported
+    # row is the run's own figure (same plan, same bytes); routing every token right keeps at
+    # least what routing 30 % of them at random keeps; the linear bound is an accuracy
+    bound = load_module("gate_bound").main(
+        ["--profile", "tiny", "--cache", str(tmp_path / "cache"), "--work",
+         str(tmp_path / "bound"), "--results", str(tmp_path / "results")])
+    table = bound["table"]
+    assert abs(table["exported gate"][1] - pacer["mean_retention"]) < 1e-9, (table, pacer)
+    assert table["oracle 1.0"][1] >= table["oracle 0.7"][1]
+    assert all(0.25 <= a <= 1.0 for a in bound["bound"].values()), bound["bound"]
+    assert (tmp_path / "results" / "quality-gate-bound-A.md").is_file()

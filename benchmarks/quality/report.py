@@ -106,7 +106,7 @@ def reported_router(facts: dict[str, Any]) -> str:
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     m = result["machine"]
     lines = [f"# Merge quality on real data: domain set {result['set']}", "",
-             "Written by `benchmarks/quality/run.py` (see `/tmp/quality_readme.md` / the README "
+             "Written by `benchmarks/quality/run.py` (see the README "
              "section *Merge quality benchmark*).", "",
              f"Command: `{result['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; "
