@@ -58,21 +58,51 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _load(plan_file: Path, out: Path | None, copy_tokenizer: bool | None, quiet: bool = False):
+    """The validated plan: a pacer-stream plan or a mergekit configuration (said, unless
+    quiet), with OUT and --copy-tokenizer/--no-copy-tokenizer applied."""
+    import dataclasses
+
+    from .config import load_plan
+
+    config = load_plan(plan_file, out)
+    if copy_tokenizer is not None and copy_tokenizer != config.output.copy_tokenizer:
+        if not copy_tokenizer and config.output.tokenizer_source is not None:
+            raise PacerError(f"--no-copy-tokenizer: {plan_file} names a tokenizer_source; "
+                             "remove one of the two")
+        config = dataclasses.replace(config, output=dataclasses.replace(
+            config.output, copy_tokenizer=copy_tokenizer))
+    if not quiet:
+        for note in config.read_as:
+            click.echo(note)
+    return config
+
+
+_OUT = click.argument("out", required=False, type=click.Path(path_type=Path))
+_COPY_TOKENIZER = click.option(
+    "--copy-tokenizer/--no-copy-tokenizer", "copy_tokenizer", default=None,
+    help="Copy the tokenizer and generation files into the output (default: yes, from the "
+         "base model, else the first model; output.tokenizer_source chooses another).")
+
+
 @main.command()
 @click.argument("plan_file", type=click.Path(path_type=Path))
+@_OUT
 @click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) -> None:
+def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
+         as_json: bool) -> None:
     """Preview memory, disk traffic and time of PLAN_FILE from the headers alone.
 
-    Exits with status 3 when the merge does not fit the budget (after the report)."""
-    from .config import load_plan
+    PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT (needed for a
+    mergekit one) is the output folder. Exits with status 3 when the merge does not fit
+    the budget (after the report)."""
     from .inputs import ModelSet
     from .planner import make_plan, render
 
     budget = parse_size(max_memory, "--max-memory") if max_memory else None
-    config = load_plan(plan_file)
+    config = _load(plan_file, out, None, quiet=as_json)
     report = make_plan(config, ModelSet.from_plan(config), budget, device)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
@@ -85,6 +115,7 @@ def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) ->
 
 @main.command()
 @click.argument("plan_file", type=click.Path(path_type=Path))
+@_OUT
 @click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--shard-size", "shard_size", help="Output shard size, e.g. 5GB (default: the plan's).")
@@ -97,15 +128,29 @@ def plan(plan_file: Path, max_memory: str | None, device: str, as_json: bool) ->
 @click.option("--hash-inputs", "hash_inputs", is_flag=True,
               help="Also fingerprint the input files by content (sha256; reads them once more), "
                    "so a resume tells copied or touched inputs from changed ones.")
+@_COPY_TOKENIZER
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch (default: torch's, one per core).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Print the plan (memory, traffic, stages) before the run and its totals after.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no summary line.")
-def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | None,
-        state_dir: Path | None, restart: bool, force: bool, allow_nonfinite: bool,
-        hash_inputs: bool, quiet: bool) -> None:
-    """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption."""
-    from .config import load_plan
+def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
+        shard_size: str | None, state_dir: Path | None, restart: bool, force: bool,
+        allow_nonfinite: bool, hash_inputs: bool, copy_tokenizer: bool | None,
+        threads: int | None, verbose: bool, quiet: bool) -> None:
+    """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption.
+
+    PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT, the output folder,
+    is needed for a mergekit one and overrides a plan's output.path."""
     from .calibration import routing_line
     from .executor import RunOptions, align_lines, run_merge
 
+    if verbose and quiet:
+        raise PacerError("--verbose and --quiet: choose one")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     options = RunOptions(
         budget=parse_size(max_memory, "--max-memory") if max_memory else None,
         device=device,
@@ -113,10 +158,17 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         state_dir=state_dir.resolve() if state_dir else None,
         restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
         hash_inputs=hash_inputs,
-        command=run_command(plan_file, device, shard_size, allow_nonfinite),
+        command=run_command(plan_file, device, shard_size, allow_nonfinite, out,
+                            copy_tokenizer),
     )
+    config = _load(plan_file, out, copy_tokenizer, quiet)
+    if verbose:
+        from .inputs import ModelSet
+        from .planner import make_plan, render
+
+        click.echo(render(make_plan(config, ModelSet.from_plan(config), options.budget, device)))
     try:
-        summary = run_merge(load_plan(plan_file), options)
+        summary = run_merge(config, options)
     except KeyboardInterrupt:
         click.echo("pacer-stream: interrupted; finished units are saved, re-run the same "
                    "command to resume", err=True)
@@ -135,17 +187,24 @@ def run(plan_file: Path, max_memory: str | None, device: str, shard_size: str | 
         if routing:
             click.echo(routing)
         click.echo(summary.line())
+    if verbose:
+        click.echo(f"units: {len(summary.units_done)} merged this run, "
+                   f"{len(summary.units_skipped)} already done; read {summary.read_bytes:,} "
+                   f"bytes, wrote {summary.write_bytes:,}; peak RSS {summary.peak_rss:,} bytes "
+                   f"of a {summary.budget:,}-byte budget")
 
 
 def run_command(plan_file: Path, device: str, shard_size: str | None,
-                allow_nonfinite: bool) -> tuple[str, ...]:
+                allow_nonfinite: bool, out: Path | None = None,
+                copy_tokenizer: bool | None = None) -> tuple[str, ...]:
     """``pacer-stream run`` as the model card records it: the plan as typed and the
     options that can change the output or are needed to repeat it. The rest (--max-memory,
     --state-dir, --restart, --force, --hash-inputs, --quiet, --debug; export/card.py's
     UNRECORDED_OPTIONS) are left out, so a resume or a run under another budget writes the
     same card; rebuilt from the parsed options, not sys.argv, so it is the same however
     they were spelled (and under click's test runner)."""
-    return ("pacer-stream", "run", str(plan_file),
+    return ("pacer-stream", "run", str(plan_file), *((str(out),) if out is not None else ()),
+            *(("--no-copy-tokenizer",) if copy_tokenizer is False else ()),
             *(("--device", device) if device != "cpu" else ()),
             *(("--shard-size", shard_size) if shard_size else ()),
             *(("--allow-nonfinite",) if allow_nonfinite else ()))

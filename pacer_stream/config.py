@@ -29,6 +29,8 @@ import yaml
 
 from .errors import PacerError
 from .io.sources import ModelRef, parse_ref
+from . import mergekit_yaml
+from .methods import schedule
 from .sizes import parse_size
 
 METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "split_merge")
@@ -46,11 +48,13 @@ VOCABULARY_RULES = ("usage", "mean")  # pacer.vocabulary: how token-embedding / 
 DENSE_ONLY_PACER_KEYS = ("dropout_rate",)
 DENSE_ONLY_PARAMETERS = ("lambda", "rescale")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
-OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size", "target")
+OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size", "target", "tokenizer_source",
+               "copy_tokenizer")
 # Who runs the output (export/llamacpp.py): the minimal layout for transformers and vLLM,
 # or one llama.cpp converts and runs (every block a MoE block when any is).
 TARGETS = ("transformers", "llama.cpp")
-MODEL_KEYS = ("model", "weight", "density")
+PER_MODEL_KEYS = ("weight", "density")  # parameters a model entry may set for itself
+MODEL_KEYS = ("model",) + PER_MODEL_KEYS
 PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
 RESCALES = ("inverse_density", "l1", "none")
 # What each method reads of `parameters` (and of a model entry's weight/density). A plan
@@ -64,6 +68,8 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "pacer": ("weight", "normalize"),  # the dense layers are the (weighted) mean
     "split_merge": ("density",),
 }
+# Methods whose values hold for the whole model (no per-tensor filters or gradients).
+WHOLE_MODEL_METHODS = ("pacer", "split_merge")
 # Methods that ignore a base model (linear averages the models; split_merge is base-free).
 BASE_FREE_METHODS = ("linear", "split_merge")
 # The pacer keys a method other than pacer reads: those of the alignment, when it aligns.
@@ -99,8 +105,23 @@ PACER_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class ModelEntry:
     ref: ModelRef
-    weight: float | None = None  # None: the plan-level parameters.weight, else 1.0
-    density: float | None = None
+    # this model's own parameter settings (weight, density, ...), over the plan-level ones;
+    # a setting is a scalar or a filter/gradient list (methods/schedule.py)
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def weight(self) -> float | None:
+        """The model's own weight when it is one number (None: the plan-level one)."""
+        return _scalar(self.parameters.get("weight"))
+
+    @property
+    def density(self) -> float | None:
+        return _scalar(self.parameters.get("density"))
+
+
+def _scalar(setting: Any) -> Any:
+    return setting if isinstance(setting, (int, float)) and not isinstance(setting, bool) \
+        else None
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,10 @@ class OutputSpec:
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
     target: str = "transformers"  # one of TARGETS
+    # whose tokenizer and generation files are copied: None (the base model if there is
+    # one, else the first model), "base", or one of the models; none if copy_tokenizer is off
+    tokenizer_source: ModelRef | str | None = None
+    copy_tokenizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,10 @@ class PlanConfig:
     align: bool | str = False  # True, False or "only"
     # config.json keys that may differ between the models (the anchor's values are written)
     accept_config_differences: tuple[str, ...] = ()
+    # read from a mergekit configuration (mergekit_yaml.py): what was read as what, and the
+    # layer range [start, end) of its slice, which must be every model's whole depth
+    read_as: tuple[str, ...] = ()
+    layer_range: tuple[int, int] | None = None
 
     @property
     def anchor_ref(self) -> ModelRef | None:
@@ -136,8 +165,9 @@ class PlanConfig:
         return strategy if isinstance(strategy, ModelRef) else None
 
 
-def load_plan(path: str | Path) -> PlanConfig:
-    """Read and validate a plan file."""
+def load_plan(path: str | Path, out: str | Path | None = None) -> PlanConfig:
+    """Read and validate a plan file, or a mergekit configuration (mergekit_yaml.py).
+    ``out``, if given, is the output folder (a mergekit configuration names none)."""
     path = Path(path)
     if not path.is_file():
         raise PacerError(f"{path}: plan file not found")
@@ -150,6 +180,16 @@ def load_plan(path: str | Path) -> PlanConfig:
         raise PacerError(f"{path}: malformed plan file{where}: {problem}") from None
     except UnicodeDecodeError:
         raise PacerError(f"{path}: plan file is not UTF-8 text") from None
+    out_path = Path(out).expanduser().resolve() if out is not None else None
+    if mergekit_yaml.is_mergekit(raw):
+        raw, notes, layer_range = mergekit_yaml.to_plan(raw, str(path), out_path, path.stem)
+        plan = parse_plan(raw, base_dir=path.resolve().parent, label=str(path))
+        return dataclasses.replace(plan, source=path.resolve(), read_as=tuple(notes),
+                                   layer_range=layer_range)
+    if out_path is not None and isinstance(raw, dict):
+        output = raw.get("output")
+        raw = {**raw, "output": {**(output if isinstance(output, dict) else {}),
+                                 "path": str(out_path)}}
     plan = parse_plan(raw, base_dir=path.resolve().parent, label=str(path))
     return dataclasses.replace(plan, source=path.resolve())
 
@@ -219,7 +259,9 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     name = raw.get("project_name", "merge")
     if not isinstance(name, str) or not name:
         raise PacerError(f"{label}: project_name must be a non-empty string")
-    return PlanConfig(name, entries, _output(raw.get("output"), base_dir, f"{label}: output", name),
+    output = _output(raw.get("output"), base_dir, f"{label}: output", name)
+    _check_tokenizer_source(output, entries, base_ref, f"{label}: output.tokenizer_source")
+    return PlanConfig(name, entries, output,
                       method, base_ref, parameters, pacer, seed, None, align, tuple(accept))
 
 
@@ -229,15 +271,9 @@ def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
     if not isinstance(item, dict) or "model" not in item:
         raise PacerError(f"{where}: expected a model reference or a mapping with 'model'")
     _check_keys(item, MODEL_KEYS, where)
-    weight = item.get("weight")
-    if weight is not None:
-        weight = _number(weight, f"{where}.weight")
-    density = item.get("density")
-    if density is not None:
-        density = _number(density, f"{where}.density")
-        if not 0 < density <= 1:
-            raise PacerError(f"{where}.density must be in (0, 1], got {density}")
-    return ModelEntry(parse_ref(item["model"], base_dir), weight, density)
+    parameters = {k: v for k, v in item.items() if k != "model"}
+    _check_parameters(parameters, where)
+    return ModelEntry(parse_ref(item["model"], base_dir), parameters)
 
 
 def _output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
@@ -256,21 +292,68 @@ def _output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
     target = raw.get("target", "transformers")
     if target not in TARGETS:
         raise PacerError(f"{where}.target: expected one of {', '.join(TARGETS)}, got {target!r}")
-    return OutputSpec(path.resolve(), fmt, dtype, shard, target)
+    copy = raw.get("copy_tokenizer", True)
+    if not isinstance(copy, bool):
+        raise PacerError(f"{where}.copy_tokenizer must be true or false, got {copy!r}")
+    source = raw.get("tokenizer_source")
+    if source is not None and source != "base":
+        source = parse_ref(source, base_dir)
+    return OutputSpec(path.resolve(), fmt, dtype, shard, target, source, copy)
+
+
+def _check_tokenizer_source(output: OutputSpec, entries: tuple[ModelEntry, ...],
+                            base: ModelRef | None, where: str) -> None:
+    source = output.tokenizer_source
+    if source is None:
+        return
+    if not output.copy_tokenizer:
+        raise PacerError(f"{where}: no tokenizer is copied (copy_tokenizer: false); remove one "
+                         "of the two")
+    if source == "base":
+        if base is None:
+            raise PacerError(f"{where}: base, but the plan has no base_model; name one of the "
+                             "models")
+        return
+    if source != base and source not in [e.ref for e in entries]:
+        raise PacerError(f"{where}: {source.text!r} is not one of the models or the base "
+                         "model; the tokenizer is copied from one of the inputs")
+
+
+def _number_check(value: Any, where: str) -> None:
+    _number(value, where)
+
+
+def _density_check(value: Any, where: str) -> None:
+    if not 0 < _number(value, where) <= 1:
+        raise PacerError(f"{where} must be in (0, 1], got {value}")
+
+
+def _bool_check(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise PacerError(f"{where} must be true or false, got {value!r}")
+
+
+def _rescale_check(value: Any, where: str) -> None:
+    if value not in RESCALES:
+        raise PacerError(f"{where}: expected one of {', '.join(RESCALES)}, got {value!r}")
+
+
+# The check of one value of each parameter (a filter/gradient setting has each of its
+# values checked; methods/schedule.py). Every key of PARAMETER_KEYS has one.
+PARAMETER_CHECKS: dict[str, Any] = {
+    "weight": _number_check,
+    "lambda": _number_check,
+    "density": _density_check,
+    "normalize": _bool_check,
+    "rescale": _rescale_check,
+}
 
 
 def _check_parameters(p: dict, where: str) -> None:
-    """Types and ranges of the plan-level parameters (each method checks its combination)."""
-    for key in ("weight", "lambda"):
-        if key in p:
-            _number(p[key], f"{where}.{key}")
-    if "density" in p and not 0 < _number(p["density"], f"{where}.density") <= 1:
-        raise PacerError(f"{where}.density must be in (0, 1], got {p['density']}")
-    if "normalize" in p and not isinstance(p["normalize"], bool):
-        raise PacerError(f"{where}.normalize must be true or false, got {p['normalize']!r}")
-    if "rescale" in p and p["rescale"] not in RESCALES:
-        raise PacerError(f"{where}.rescale: expected one of {', '.join(RESCALES)}, got "
-                         f"{p['rescale']!r}")
+    """Types and ranges of parameter settings (each method checks its combination)."""
+    for key, setting in p.items():
+        for value, at in schedule.scalars(setting, f"{where}.{key}"):
+            PARAMETER_CHECKS[key](value, at)
 
 
 def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
@@ -289,6 +372,13 @@ def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
             if getattr(entry, key) is not None and key not in uses:
                 raise PacerError(f"{label}: models[{i}].{key} has no effect with method "
                                  f"{method}{hint.get(key, '')}; remove it")
+    if method in WHOLE_MODEL_METHODS:
+        varying = schedule.varies(parameters) + [
+            f"models[{i}].{k}" for i, e in enumerate(entries) for k in schedule.varies(e.parameters)]
+        if varying:
+            raise PacerError(f"{label}: {varying[0]} varies by tensor (a filter or gradient), but "
+                             f"method {method} uses one value per model for the whole model; "
+                             "give one number")
     if base is not None and method in BASE_FREE_METHODS:
         what = "averages the models themselves" if method == "linear" else "is base-free (μ is " \
             "the models' mean)"

@@ -53,6 +53,7 @@ from .calibration import (RouterCalibration, SampleSet, TensorCache, activation_
 from .lock import LOCK_FILE, OutputLock
 from .regmean_pass import INPUT_OF_ROLE, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
+from .methods import schedule
 from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
@@ -271,7 +272,10 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
         params = MethodParams.resolve("linear", config.models, parameters, config.seed)
         job: MergeJob = SplitMergeJob(config, models, params, options)
     else:
-        params = MethodParams.resolve(method, config.models, parameters, config.seed)
+        # the values outside any filter and at t = 0 (each tensor gets its own: params_for)
+        params = MethodParams.resolve(
+            method, [schedule.resolve(e.parameters, "", 0.0) for e in config.models],
+            schedule.resolve(parameters, "", 0.0), config.seed)
         job = MergeJob(config, models, params, options)
     # everything knowable is checked before the output folder is created or touched
     check_run(config, models, options.state_dir, options.budget, options.device)
@@ -294,6 +298,7 @@ class MergeJob:
         self.out_dtype = OUT_DTYPES.get(config.output.dtype)
         self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
+        self.tensor_params = self._tensor_params()
         self.shard_size = options.shard_size or config.output.shard_size
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
         self.moe_type = VIT_MOE if models.spec.family == "vit" else moe_model_type(
@@ -1051,10 +1056,8 @@ class MergeJob:
         config = self._output_config()
         if isinstance(self.layout, VitMoeLayout):
             write_modeling(self.out_dir)
-        tokenizer = self.anchor
-        if self.models.base is not None:
-            tokenizer = self.models.base
-        side_files = copy_side_files(self.out_dir, tokenizer)
+        tokenizer = self.tokenizer_input()
+        side_files = copy_side_files(self.out_dir, tokenizer) if tokenizer else []
         as_run = plan_as_run(self.config, self.inputs, self.shard_size)
         write_plan(self.out_dir, as_run)
         write_card(self.out_dir, model_card(
@@ -1064,6 +1067,20 @@ class MergeJob:
         write_config(self.out_dir, config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in self.shards)
         self._write_report(state)
+
+    def tokenizer_input(self) -> CheckpointIndex | None:
+        """The input whose tokenizer and generation files the output gets (output.
+        tokenizer_source; by default the base model, else the first model)."""
+        output = self.config.output
+        if not output.copy_tokenizer:
+            return None
+        source = output.tokenizer_source
+        if source is None or source == "base":
+            return self.models.base or self.anchor
+        refs = [e.ref for e in self.config.models]
+        if source in refs:
+            return self.models.models[refs.index(source)]
+        return self.models.base
 
     def _output_config(self, logical: bool = False) -> dict:
         """The config.json of the output: the anchor's, or its MoE form once upcycled (with
@@ -1195,6 +1212,32 @@ class MergeJob:
                 tensor = tensor.index_select(axis, moved)
         return tensor
 
+    def params_for(self, name: str) -> MethodParams:
+        """The method's values for one tensor: the plan's filters and layer gradients
+        resolved for its name and block (methods/schedule.py)."""
+        return self.tensor_params.get(name, self.params)
+
+    def _tensor_params(self) -> dict[str, MethodParams]:
+        """Every merged tensor's values when the plan has filters or gradients, resolved
+        (and checked, e.g. weights that sum to zero) before anything is written."""
+        config = self.config
+        if not (schedule.varies(config.parameters)
+                or any(schedule.varies(e.parameters) for e in config.models)):
+            return {}
+        graph = self.models.graph
+        out = {}
+        for unit in graph.units:
+            t = schedule.layer_position(unit.layer, graph.dims["layers"])
+            for name in unit.tensors:
+                models = [schedule.resolve(e.parameters, name, t) for e in config.models]
+                try:
+                    out[name] = MethodParams.resolve(
+                        self.params.method.name, models,
+                        schedule.resolve(config.parameters, name, t), config.seed)
+                except PacerError as exc:
+                    raise PacerError(f"{name}: {exc}") from None
+        return out
+
     def _merge_tensor(self, name: str, raw: list[torch.Tensor] | None, writer: ShardWriter) -> int:
         """Merge one tensor into the writer; returns the bytes read."""
         info = self.anchor.tensors[name]
@@ -1207,7 +1250,7 @@ class MergeJob:
         if name in self.regmean_names:
             self._write_solved(name, writer)
             return 0
-        merge = TensorMerge(name, info.shape, self.params, self.vocab_rows.get(name))
+        merge = TensorMerge(name, info.shape, self.params_for(name), self.vocab_rows.get(name))
         ranges = self._ranges(name)
         read = 0
         split = None

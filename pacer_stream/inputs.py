@@ -86,8 +86,16 @@ class ModelSet:
 
     @classmethod
     def from_plan(cls, plan: PlanConfig) -> "ModelSet":
-        return cls.open([m.ref for m in plan.models], plan.base_model,
-                        plan.accept_config_differences)
+        models = cls.open([m.ref for m in plan.models], plan.base_model,
+                          plan.accept_config_differences)
+        if plan.layer_range is not None:
+            depth = models.graph.dims["layers"]
+            if tuple(plan.layer_range) != (0, depth):
+                raise PacerError(
+                    f"{plan.source}: layer_range {list(plan.layer_range)}, but the models have "
+                    f"{depth} layers: a slice that takes part of a model (frankenmerges) is "
+                    f"not supported yet; write layer_range: [0, {depth}]")
+        return models
 
 
 def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:

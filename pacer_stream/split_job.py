@@ -209,7 +209,8 @@ class SplitMergeJob(MergeJob):
         verify_shards(self.out_dir, eta_shards)
         failpoints.hit("split-finish")
         writer.write_index()
-        side_files = copy_side_files(self.out_dir, self.anchor)
+        tokenizer = self.tokenizer_input()
+        side_files = copy_side_files(self.out_dir, tokenizer) if tokenizer else []
         as_run = plan_as_run(self.config, self.inputs, self.shard_size)
         write_plan(self.out_dir, as_run)
         write_card(self.out_dir, model_card(

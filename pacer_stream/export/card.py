@@ -93,11 +93,7 @@ def plan_yaml(config: PlanConfig) -> str:
 
 
 def _entry(entry) -> dict[str, Any]:
-    item: dict[str, Any] = {"model": ref_text(entry.ref)}
-    for key in ("weight", "density"):
-        if getattr(entry, key) is not None:
-            item[key] = getattr(entry, key)
-    return item
+    return {"model": ref_text(entry.ref), **entry.parameters}
 
 
 def _pacer_dict(config: PlanConfig) -> dict[str, Any]:
@@ -139,10 +135,14 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
         return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
 
     pacer = {**config.pacer, "anchor_strategy": pin(config.pacer["anchor_strategy"])}
+    source = config.output.tokenizer_source  # its own reference, equal to one of the inputs'
+    if isinstance(source, ModelRef):
+        source = next(pin(ref) for ref in _refs(config) if ref == source)
     return dataclasses.replace(
         config, models=tuple(dataclasses.replace(e, ref=pin(e.ref)) for e in config.models),
         base_model=pin(config.base_model), pacer=pacer,
-        output=dataclasses.replace(config.output, shard_size=shard_size))
+        output=dataclasses.replace(config.output, shard_size=shard_size,
+                                   tokenizer_source=source))
 
 
 def _refs(config: PlanConfig) -> list[ModelRef]:
@@ -371,10 +371,10 @@ def _run_flags(command: Sequence[str] | None) -> list[str]:
     if not command or command[0] != "pacer-stream":
         return []
     flags, rest = [], list(command[3:])
-    while rest:
+    while rest:  # OUT, --shard-size and --no-copy-tokenizer are in the plan as run already
         option = rest.pop(0)
         value = [rest.pop(0)] if option in ("--device", "--shard-size") and rest else []
-        if option != "--shard-size":
+        if option in ("--device", "--allow-nonfinite"):
             flags += [option, *value]
     return flags
 

@@ -39,7 +39,9 @@ how a tensor was sliced.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,17 +94,23 @@ class MethodParams:
     seed: int = 0
 
     @classmethod
-    def resolve(cls, method: str, models, parameters: dict, seed: int) -> "MethodParams":
-        """From a plan: per-model values win over plan-level ``parameters``. Their types
-        and ranges were checked with the plan (config.py); what only the combination
-        shows is checked here."""
+    def resolve(cls, method: str, models, parameters: Mapping[str, Any], seed: int
+                ) -> "MethodParams":
+        """From a plan's values for one tensor: per-model values win over plan-level
+        ``parameters``. ``models`` are the plan's model entries or, for one tensor, each
+        model's values as a mapping (methods/schedule.py resolves filters and gradients to
+        such scalars). Types and ranges were checked with the plan (config.py); what only
+        the combination shows is checked here."""
         if method not in METHODS:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
         mdef = METHODS[method]
-        weight = parameters.get("weight", 1.0)
-        density = parameters.get("density", 1.0)
-        weights = tuple(float(m.weight if m.weight is not None else weight) for m in models)
-        densities = tuple(float(m.density if m.density is not None else density) for m in models)
+        per_model = [m if isinstance(m, Mapping) else m.parameters for m in models]
+
+        def each(key: str, default: float) -> tuple[float, ...]:
+            plan_value = parameters.get(key, default)
+            return tuple(float(m.get(key, plan_value)) for m in per_model)
+
+        weights, densities = each("weight", 1.0), each("density", 1.0)
         rescale = parameters.get("rescale", mdef.rescale)
         normalize = parameters.get("normalize", mdef.normalize)
         lam = parameters.get("lambda", 1.0)
