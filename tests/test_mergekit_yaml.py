@@ -339,3 +339,20 @@ def test_a_zero_weight_sum_in_one_tensor_is_refused_before_writing(fixtures_dir,
     result = CliRunner().invoke(main, ["run", str(plan), "--quiet"])
     fails_with(result, "mlp", "sum to zero")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["ties"])
+def test_thread_count_does_not_change_a_byte(method, fixtures_dir, tmp_path):
+    from runs import digests, run_cli
+
+    family = fixtures_dir / "llama"
+    outputs = []
+    for threads in ("1", "2"):
+        plan = tmp_path / f"p{threads}.yaml"
+        plan.write_text(f"models: [{family / 'ft1'}, {family / 'ft2'}, {family / 'ft3'}]\n"
+                        f"method: {method}\nbase_model: {family / 'anchor'}\n"
+                        f"parameters: {{density: 0.5}}\noutput: {{path: {tmp_path / threads}}}\n")
+        done = run_cli(plan, "--threads", threads)
+        assert done.returncode == 0, done.stderr
+        outputs.append(digests(tmp_path / threads))
+    assert outputs[0] == outputs[1]
