@@ -53,6 +53,27 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**DECODER, "eos_token_id": 2}, {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**DECODER, "head_dim": 16, "eos_token_id": 2},
               {}),
+    # Gemma: tied LM head, head_dim set (the config's default is 256); gemma2/3 with a
+    # window shorter than the tests' sequences, so their sliding layers really slide.
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**DECODER, "head_dim": 16}, {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**DECODER, "head_dim": 16,
+                                                     "sliding_window": 4}, {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        **DECODER, "head_dim": 16, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"]}, {}),
+    # the config's default pad/eos ids (32000) lie outside the tiny vocabulary
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**DECODER, "pad_token_id": 0, "bos_token_id": 1,
+                                               "eos_token_id": 2}, {}),
+    # MoE inputs: 3 experts, top 2; qwen2_moe with a shared expert and block 1 dense
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
+        **DECODER, "num_local_experts": 3, "num_experts_per_tok": 2, "pad_token_id": 0,
+        "bos_token_id": 1, "eos_token_id": 2}, {}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        **DECODER, "num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48, "mlp_only_layers": [1], "eos_token_id": 2}, {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        **DECODER, "head_dim": 16, "num_experts": 3, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "norm_topk_prob": True, "eos_token_id": 2}, {}),
     "bert": ("BertConfig", "BertForMaskedLM", {**ENCODER, "vocab_size": 256,
                                                "max_position_embeddings": 64}, {}),
     "vit": ("ViTConfig", "ViTForImageClassification", {**ENCODER, "image_size": 32,

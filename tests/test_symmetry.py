@@ -64,7 +64,7 @@ def test_random_permutation_of_every_group_preserves_outputs(family, tmp_path):
     assert len(moved) > len(a) // 2
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
 def test_a_rule_breaking_permutation_changes_outputs(family, tmp_path):
     """Guard against a vacuous check: permuting q rows alone is not a symmetry."""
     _save_fp32(family, tmp_path / "a")

@@ -98,10 +98,101 @@ QWEN3_RULES = LLAMA_RULES + (
 )
 DECODER_PASSTHROUGH = (R(_L + "self_attn.rotary_emb.inv_freq", "rope", ("-",), optional=True),)
 
+# Gemma: the llama tensors, with the LM head tied to the embeddings (no lm_head.weight).
+# Its RMSNorm scales by (1 + w) and the embeddings by sqrt(hidden): a residual permutation
+# of w permutes 1 + w alike, and a scalar commutes with it, so the llama rules stay exact.
+# Gemma 2 and 3 norm the attention output (post_attention_layernorm) and the MLP's input
+# and output (pre_/post_feedforward_layernorm), all on the residual stream; their logit
+# softcapping (tanh(x / c) * c, elementwise) and sliding windows touch no weight.
+GEMMA2_RULES = tuple(
+    R(_L + "post_attention_layernorm.weight", "attn.post_norm", ("residual",))
+    if r.role == "mlp.norm" else r for r in LLAMA_RULES) + (
+    R(_L + "pre_feedforward_layernorm.weight", "mlp.norm", ("residual",)),
+    R(_L + "post_feedforward_layernorm.weight", "mlp.post_norm", ("residual",)),
+)
+GEMMA3_RULES = GEMMA2_RULES + QWEN3_RULES[len(LLAMA_RULES):]  # + q_norm / k_norm
+# PACER's sample stages run the forward pass of runtime/blocks.py, which has none for these.
+NO_BLOCKS = "the block-wise forward pass that PACER's samples run through does not cover it"
 
-def _decoder(family: str, model_types: tuple[str, ...], rules=LLAMA_RULES) -> ArchSpec:
+
+def _decoder(family: str, model_types: tuple[str, ...], rules=LLAMA_RULES,
+             no_samples: str = "") -> ArchSpec:
     return ArchSpec(family, model_types, decoder_dims, DECODER_GROUPS, rules,
-                    DECODER_PASSTHROUGH, has_rope=True)
+                    DECODER_PASSTHROUGH, has_rope=True, no_samples=no_samples)
+
+
+def phi3_dims(config: dict) -> dict[str, int]:
+    """decoder_dims, plus ``halves``: gate_up_proj stacks the gate rows over the up rows."""
+    return {**decoder_dims(config), "halves": 2}
+
+
+# Phi-3 fuses q/k/v into qkv_proj (rows: all query heads, then the KV heads' keys, then
+# their values) and gate/up into gate_up_proj (rows: gate, then up). gate_up is a product
+# layout, half-major, so its rows take the MLP permutation exactly ("halves.mlp"); qkv is a
+# concatenation of three differently sized head layouts, which the factor system cannot
+# express, so the heads stay fixed ("-") and alignment is refused (no_align) rather than
+# done on the residual stream and MLP alone.
+PHI3 = ArchSpec(
+    "phi3", ("phi3",), phi3_dims, DECODER_GROUPS[:2],
+    (
+        R("model.embed_tokens.weight", "embed", ("-", "residual"), unit="embed"),
+        R(_L + "input_layernorm.weight", "attn.norm", ("residual",)),
+        R(_L + "self_attn.qkv_proj.weight", "attn.qkv", ("-", "residual")),
+        R(_L + "self_attn.o_proj.weight", "attn.o", ("residual", "-")),
+        R(_L + "post_attention_layernorm.weight", "mlp.norm", ("residual",)),
+        R(_L + "mlp.gate_up_proj.weight", "mlp.gate_up", ("halves.mlp", "residual")),
+        R(_L + "mlp.down_proj.weight", "mlp.down", ("residual", "mlp")),
+        R("model.norm.weight", "final.norm", ("residual",), unit="head"),
+        R("lm_head.weight", "lm_head", ("-", "residual"), unit="head", optional=True),
+    ),
+    DECODER_PASSTHROUGH, has_rope=True,
+    no_align="fused qkv_proj has no exact permutation rule here", no_samples=NO_BLOCKS,
+)
+
+
+# MoE inputs (fine-tunes of one MoE model), in the per-expert names transformers 5.23
+# writes on save (in memory it fuses them). They merge tensor by tensor as stored: expert e
+# of the output from expert e of each input. The attention and residual rules are the
+# dense ones; the experts' intermediate units and the expert order are permutation
+# symmetries too, but the align stage matches one MLP per block, so they stay fixed ("-")
+# and alignment is refused (no_align), as is PACER, which upcycles dense MLPs (no_pacer).
+_X = _L + "block_sparse_moe."
+_M = _L + "mlp."
+NO_MOE_ALIGN = "its experts have no alignment rule here (the align stage matches dense MLPs)"
+NO_MOE_PACER = "method pacer upcycles dense MLP blocks and an MoE input already has experts"
+_ROUTER = "moe.router"  # not "mlp.*": PACER's MLP statistics must not take these for a dense MLP
+MOE_EXPERTS = (
+    R(_M + "gate.weight", _ROUTER, ("-", "residual")),
+    R(_M + "experts.{e}.gate_proj.weight", "moe.gate", ("-", "residual")),
+    R(_M + "experts.{e}.up_proj.weight", "moe.up", ("-", "residual")),
+    R(_M + "experts.{e}.down_proj.weight", "moe.down", ("residual", "-")),
+)
+# qwen*_moe blocks listed in mlp_only_layers (or off decoder_sparse_step) keep a dense MLP.
+DENSE_MLP = tuple(R(r.template, r.role, r.axes, optional=True) for r in LLAMA_RULES
+                  if r.role in ("mlp.gate", "mlp.up", "mlp.down"))
+# embeddings, attention, norms and head: the llama rules less the dense MLP's
+_NOT_MLP = tuple(r for r in LLAMA_RULES if not r.role.startswith("mlp.") or r.role == "mlp.norm")
+MIXTRAL_RULES = _NOT_MLP + (
+    R(_X + "gate.weight", _ROUTER, ("-", "residual")),
+    R(_X + "experts.{e}.w1.weight", "moe.gate", ("-", "residual")),  # w1: gate, w3: up
+    R(_X + "experts.{e}.w3.weight", "moe.up", ("-", "residual")),
+    R(_X + "experts.{e}.w2.weight", "moe.down", ("residual", "-")),
+)
+QWEN2_MOE_RULES = _NOT_MLP + tuple(R(r.template, r.role, r.axes, optional=True)
+                                     for r in MOE_EXPERTS) + DENSE_MLP + (
+    R(_M + "shared_expert.gate_proj.weight", "moe.shared.gate", ("-", "residual"), optional=True),
+    R(_M + "shared_expert.up_proj.weight", "moe.shared.up", ("-", "residual"), optional=True),
+    R(_M + "shared_expert.down_proj.weight", "moe.shared.down", ("residual", "-"),
+      optional=True),
+    R(_M + "shared_expert_gate.weight", "moe.shared.router", ("-", "residual"), optional=True),
+)
+QWEN3_MOE_RULES = _NOT_MLP + QWEN3_RULES[len(LLAMA_RULES):] + tuple(
+    R(r.template, r.role, r.axes, optional=True) for r in MOE_EXPERTS) + DENSE_MLP
+
+
+def _moe(family: str, rules: tuple[R, ...]) -> ArchSpec:
+    return ArchSpec(family, (family,), decoder_dims, DECODER_GROUPS, rules, DECODER_PASSTHROUGH,
+                    has_rope=True, no_align=NO_MOE_ALIGN, no_pacer=NO_MOE_PACER)
 
 
 _B = "encoder.layer.{i}."
@@ -221,6 +312,13 @@ FAMILIES: tuple[ArchSpec, ...] = (
     _decoder("mistral", ("mistral",)),
     _decoder("qwen2", ("qwen2",)),
     _decoder("qwen3", ("qwen3",), QWEN3_RULES),
+    _decoder("gemma", ("gemma",), no_samples=NO_BLOCKS),
+    _decoder("gemma2", ("gemma2",), GEMMA2_RULES, no_samples=NO_BLOCKS),
+    _decoder("gemma3_text", ("gemma3_text",), GEMMA3_RULES, no_samples=NO_BLOCKS),
+    PHI3,
+    _moe("mixtral", MIXTRAL_RULES),
+    _moe("qwen2_moe", QWEN2_MOE_RULES),
+    _moe("qwen3_moe", QWEN3_MOE_RULES),
     BERT,
     VIT,
 )

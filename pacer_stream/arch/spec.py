@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import PacerError
+
 UNIT_KINDS = ("embed", "block", "head")
 
 
@@ -36,7 +38,8 @@ class GroupKind:
 
 @dataclass(frozen=True)
 class TensorRule:
-    """One tensor template: ``{i}`` is the block index."""
+    """One tensor template: ``{i}`` is the block index, ``{e}`` an expert index (any one:
+    every expert of a block matches the same rule)."""
 
     template: str
     role: str
@@ -60,7 +63,30 @@ class ArchSpec:
     passthrough: tuple[TensorRule, ...] = ()  # copied from the anchor, must be equal
     prefix: str = ""  # regex for an optional leading prefix, e.g. r"(?:bert\.)?"
     has_rope: bool = False
+    # What the engine cannot do for this family, as a phrase saying why ("": it can):
+    no_align: str = ""  # some symmetry has no exact rule here (fused tensors): align refused
+    no_samples: str = ""  # runtime/blocks.py has no forward pass: PACER's sample stages refused
+    no_pacer: str = ""  # method pacer refused altogether (MoE inputs: it upcycles dense MLPs)
     _compiled: list = field(default_factory=list, compare=False, repr=False)
+
+    def check_plan(self, method: str, align: bool | str, pacer: dict) -> None:
+        """Refuse, before any work, a plan that needs what this family cannot do.
+
+        Alignment (``align: true/only``, on by default for PACER) needs an exact rule for
+        every symmetry; PACER's sample stages (``router_samples``, ``router: data_free``:
+        calibration, RegMean, self-generated samples) need the block-wise forward pass.
+        """
+        if self.no_pacer and method == "pacer":
+            raise PacerError(f"{self.family}: {self.no_pacer}; use a plain method (linear, "
+                             "ties, ...)")
+        if self.no_align and align:
+            default = " (method pacer aligns by default)" if method == "pacer" else ""
+            raise PacerError(f"{self.family}: {self.no_align}; set align: false{default}")
+        if self.no_samples and method == "pacer" and (
+                pacer.get("router_samples") or pacer.get("router") == "data_free"):
+            raise PacerError(f"{self.family}: {self.no_samples}, so method pacer with samples "
+                             "(router_samples, router: data_free) is refused; drop them, or use "
+                             "a plain method")
 
     def group_kind(self, name: str) -> GroupKind | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -70,7 +96,8 @@ class ArchSpec:
         if not self._compiled:
             for passthrough, rules in ((False, self.rules), (True, self.passthrough)):
                 for rule in rules:
-                    pattern = re.escape(rule.template).replace(r"\{i\}", r"(\d+)")
+                    pattern = re.escape(rule.template).replace(r"\{i\}", r"(\d+)") \
+                        .replace(r"\{e\}", r"\d+")
                     self._compiled.append((re.compile(self.prefix + pattern + "$"), rule, passthrough))
         for regex, rule, passthrough in self._compiled:
             found = regex.match(name)
