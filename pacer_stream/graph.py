@@ -20,12 +20,14 @@ query heads and value dims reordered".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .arch.spec import ArchSpec
 from .errors import PacerError
 from .io.header import TensorInfo
+
+if TYPE_CHECKING:  # torch is imported where permutations are made, not to build a graph
+    import torch
 
 GLOBAL = "residual"
 
@@ -190,11 +192,15 @@ class MergeGraph:
     # -- permutations -------------------------------------------------------------
 
     def identity_perms(self) -> dict[str, torch.Tensor]:
+        import torch
+
         return {gid: torch.arange(g.size).expand(*g.batch, g.size).clone()
                 for gid, g in self.groups.items()}
 
     def random_perms(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A random permutation for every group (used by tests and fixture variants)."""
+        import torch
+
         perms = {}
         for gid, g in sorted(self.groups.items()):
             flat = [torch.randperm(g.size, generator=generator) for _ in range(g.problems)]
@@ -216,6 +222,8 @@ def source_index(factors: tuple[Factor, ...], perms: dict[str, torch.Tensor]) ->
     """Flat input index for each output position of one axis (None if nothing moves)."""
     if not any(f.group and f.group in perms for f in factors):
         return None
+    import torch
+
     k = len(factors)
     sizes = [f.size for f in factors]
     # dest[i]: the output index of factor i, shaped to broadcast over the axis grid

@@ -16,7 +16,6 @@ from .graph import MergeGraph
 from .io.header import FLOAT_DTYPES
 from .io.reader import CheckpointIndex
 from .io.sources import ModelRef
-from .state import file_identity
 
 # config.json keys that must agree for tensors to line up one to one
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -76,6 +75,8 @@ class ModelSet:
         Files still on the hub (not in the local cache) are identified by their
         headers, which the plan's fingerprint already covers.
         """
+        from .state import file_identity  # the run state (zarr) is not needed to plan
+
         identities = {}
         for index in self.all:
             for file in sorted({info.file for info in index.tensors.values()} | {"config.json"}):

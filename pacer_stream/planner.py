@@ -14,15 +14,12 @@ import psutil
 from . import accounting as acct
 from .config import PlanConfig
 from .errors import PacerError
-from .export.llamacpp import LLAMACPP, check_source, describe
 from .export.moe import moe_model_type
 from .graph import GLOBAL, MergeGraph, Unit
 from .inputs import ModelSet
-from .io.header import DTYPES, TensorInfo
-from .methods.consensus import part_of
-from .methods.dense import pacer_dense
-from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
-from .self_samples import writes_samples
+from .io.header import ITEMSIZE, TensorInfo
+# (the methods, the sample stages and the llama.cpp layout are imported where a plan uses
+# them: reading headers and planning a dense merge never imports torch)
 from .sizes import at_least, format_size
 
 EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
@@ -129,6 +126,7 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     every stage's working set fits; the run's pre-flight (:func:`require_fit`) and the
     ``plan`` command decide "fits" from this alone."""
     budget = budget or default_budget()
+    models.spec.check_plan(config.method, config.align, config.pacer)  # refused before any work
     graph = models.graph
     inputs = models.all
     aligning = bool(config.align)
@@ -140,11 +138,19 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
              for unit in graph.units]
     input_bytes = sum(u.merge_read_bytes for u in units)
     dense_out = sum(u.write_bytes for u in units)
-    consensus_read = sum(m.tensors[t].nbytes for m in inputs for u in graph.units
-                         if u.kind == "block" for t in u.tensors
-                         if part_of(graph.nodes[t].role)) if upcycling else 0
-    stages = _stages(config, units, n_peers, graph, aligning, consensus_read,
-                     writes_samples(models.models[0].config))
+    consensus_read = 0
+    if upcycling:
+        from .methods.consensus import part_of
+
+        consensus_read = sum(m.tensors[t].nbytes for m in inputs for u in graph.units
+                             if u.kind == "block" for t in u.tensors
+                             if part_of(graph.nodes[t].role))
+    generates = False
+    if config.method == "pacer":
+        from .self_samples import writes_samples
+
+        generates = writes_samples(models.models[0].config)
+    stages = _stages(config, units, n_peers, graph, aligning, consensus_read, generates)
     peak = max(units, key=lambda u: u.ram_bytes)
     neediest = max(units, key=lambda u: u.min_need_bytes)
     write_max = sum(s.write_bytes for s in stages)
@@ -157,7 +163,9 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
         write_max = dense_out + (len(models.models) - 1) * sum(mlp_out)
     target_cost = None
     exports_moe = models.spec.family == "vit" or moe_model_type(models.spec.family) is not None
-    if upcycling and config.output.target == LLAMACPP and exports_moe:
+    if upcycling and config.output.target == "llama.cpp" and exports_moe:
+        from .export.llamacpp import check_source
+
         check_source(models.spec.family, models.models[0].config)  # refused before any work
         target_cost = _target_cost(config, len(models.models), models.spec.family,
                                    dense_out + (len(models.models) - 1) * min(mlp_out, default=0),
@@ -184,6 +192,8 @@ def _target_cost(config: PlanConfig, n: int, family: str, one_block: int,
                  write_max: int) -> str:
     """What the llama.cpp target costs against the default once any block is upcycled:
     every block then holds N experts (dense ones as copies), and runs k of them."""
+    from .export.llamacpp import describe
+
     k = min(config.pacer["top_k_experts"], n)
     return (f"{describe(family)}; once any block is upcycled the output is "
             f"{format_size(write_max)} (the default target's: {format_size(one_block)} for one "
@@ -200,6 +210,8 @@ def _router(config: PlanConfig, family: str) -> str | None:
         return f"{pacer['router_mode']} (per-input, ViT-MoE code)"
     if pacer["router"] is None:
         return None
+    from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
+
     samples = pacer["router_samples"] or {}
     measured = (f"; routing measured on {pacer['router_holdout']:.0%} of the sample lines, "
                 "held out" if samples and pacer["router"] == "few_shot" else
@@ -235,7 +247,7 @@ def _too_small(unit: UnitPlan, budget: int, min_budget: int) -> str:
 
 def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
     dtype = out_dtype if (out_dtype and info.is_float) else info.dtype
-    return info.numel * DTYPES[dtype][1]
+    return info.numel * ITEMSIZE[dtype]
 
 
 def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConfig,
@@ -317,7 +329,7 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
         return [("writing the aligned copies of", acct.Work(acct.ALIGNED_READ_COPIES * b))]
     if not _can_slice(config, graph, name, info):  # read whole from every input, compared
         return [("copying", acct.Work(acct.raw_bytes(1, n_inputs, b, aligned)))]
-    out_size = DTYPES[out_dtype or info.dtype][1]
+    out_size = ITEMSIZE[out_dtype or info.dtype]
     if config.method == "split_merge":
         from .split_job import split_copies
 
@@ -325,6 +337,9 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
         return [("a Split-Merge pass over", work)]
     dense = config.method
     if config.method == "pacer":
+        from .methods.consensus import part_of
+        from .methods.dense import pacer_dense
+
         dense = pacer_dense(config)[0]
     works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned))]
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] and unit.kind == "block":
@@ -345,6 +360,8 @@ def _sample_stages(config: PlanConfig, merge_read: int, generates: bool) -> list
     which the budget cannot be known for here: the estimate assumes it fits."""
     if config.method != "pacer":
         return []
+    from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
+
     pacer, stages = config.pacer, []
     params = merge_read / 2 / max(len(config.models), 1)  # ~parameters of one model
     cpu_gpu = (("cpu", acct.CPU), ("gpu", acct.GPU))

@@ -165,3 +165,22 @@ def test_split_merge_example_plan_lists_its_four_passes(fixtures_dir):
     assert len({s["read_bytes"] for s in stages.values()}) == 1
     assert stages["variance-low"]["write_bytes"] > stages["eta"]["write_bytes"] > 0
     assert stages["variance-high"]["write_bytes"] == stages["gram"]["write_bytes"] == 0
+
+
+def test_help_and_a_dense_plan_do_not_import_torch(fixtures_dir, tmp_path):
+    """Start-up: reading headers and planning a dense merge need neither torch nor zarr."""
+    import subprocess
+    import sys
+
+    family = fixtures_dir / "llama"
+    plan = tmp_path / "p.yaml"
+    plan.write_text(f"models: [{family / 'ft1'}, {family / 'ft2'}]\nmethod: ties\n"
+                    f"base_model: {family / 'anchor'}\noutput: {{path: {tmp_path / 'o'}}}\n")
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom pacer_stream.cli import main\n"
+            "for args in (['--help'], ['plan', sys.argv[1]]):\n"
+            "    result = CliRunner().invoke(main, args)\n"
+            "    assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('torch', 'zarr', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(plan)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -16,27 +16,34 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from ..errors import PacerError
 
-# safetensors dtype string -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype string -> bytes per element, and the torch dtype's name. The torch
+# dtypes themselves (DTYPES, DTYPE_NAMES) are built on first use, so that reading headers
+# (`pacer-stream plan`) never imports torch.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+
+def __getattr__(name: str):
+    """``DTYPES`` (name -> (torch dtype, bytes per element)) and ``DTYPE_NAMES`` (torch
+    dtype -> name), made when first asked for."""
+    if name not in ("DTYPES", "DTYPE_NAMES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    dtypes = {key: (getattr(torch, TORCH_NAMES[key]), size) for key, size in ITEMSIZE.items()}
+    globals().update(DTYPES=dtypes, DTYPE_NAMES={d: key for key, (d, _) in dtypes.items()})
+    return globals()[name]
+
 
 # A real header is kilobytes to a few MB; refuse absurd lengths before allocating.
 MAX_HEADER_BYTES = 100 * 2**20
@@ -73,7 +80,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
+        return ITEMSIZE[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -132,10 +139,10 @@ def _tensor_info(where: str, file: str, name: str, entry: object, data_start: in
     if not isinstance(entry, dict):
         raise PacerError(f"{where}: tensor {name!r}: header entry is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZE:
         raise PacerError(
             f"{where}: tensor {name!r} has unknown dtype {dtype!r} "
-            f"(known: {', '.join(DTYPES)})"
+            f"(known: {', '.join(ITEMSIZE)})"
         )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(
@@ -156,7 +163,7 @@ def _tensor_info(where: str, file: str, name: str, entry: object, data_start: in
             f"{where}: tensor {name!r} byte range [{begin}, {end}) lies outside the file "
             f"({file_size} bytes); the file is truncated or corrupt"
         )
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != expected:
         raise PacerError(
             f"{where}: tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}"

@@ -15,15 +15,19 @@ nothing proportional to a shard is ever resident.
 from __future__ import annotations
 
 import json
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import PacerError
-from .header import DTYPES, TensorInfo, read_header
+from . import header
+from .header import TensorInfo, read_header
 from .sources import ModelFiles, ModelRef, check_relative, open_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CheckpointIndex:
@@ -80,7 +84,9 @@ class CheckpointIndex:
                 raise ValueError(f"row range {rows} outside {name} with shape {shape}")
             row_bytes = info.nbytes // shape[0] if shape[0] else 0
             begin, shape = info.begin + start * row_bytes, (stop - start, *shape[1:])
-        torch_dtype, itemsize = DTYPES[info.dtype]
+        import torch  # here, not at the top: indexing headers (`plan`) needs no torch
+
+        torch_dtype, itemsize = header.DTYPES[info.dtype]
         length = itemsize
         for dim in shape:
             length *= dim
