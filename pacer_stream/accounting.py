@@ -46,7 +46,19 @@ LAP_SCRATCH_ELEMS = 1 << 22  # fp64 scratch of the LAP's dual check, per chunk (
 # [32000, 512] tensor, N = 3 bf16 in and out; the formula below in brackets):
 # linear 20 [20]; dare_ties 31 sliced [36]; ties 33 sliced [36], 49 whole [48 + 4 mask].
 METHOD_TEMPORARIES = {"linear": 1, "task_arithmetic": 2, "dare_linear": 2, "ties": 5,
-                      "dare_ties": 5}
+                      "dare_ties": 5,
+                      # not measured; counted from the code: DELLA's rank argsorts (two
+                      # int64 = 4 fp32 per element), draws and probabilities; Breadcrumbs'
+                      # two masks as TIES'; the spherical methods and Model Stock a stack
+                      # of the points (slerp without the base listed) and the sum
+                      "della": 11, "della_linear": 8, "breadcrumbs": 3, "breadcrumbs_ties": 5,
+                      "slerp": 3, "nuslerp": 2, "multislerp": 2, "karcher": 2,
+                      "model_stock": 2, "passthrough": 0}
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")  # seeded draws
+# int64 radix histograms per input of the exact top-k selections (methods.sparsify):
+# TIES two levels, Breadcrumbs two selections sharing the first level
+HISTOGRAMS = {"ties": 2, "breadcrumbs": 3, "breadcrumbs_ties": 3}
+GRAM_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # methods.gram
 MASK_BYTES = 2  # bool masks per element: a keep mask and its negation (TIES, DARE)
 TIES_BITS = 4  # per input and element: the int32 magnitude bits a whole-tensor TIES keeps
 
@@ -109,13 +121,14 @@ def merge_work(method: str, n_inputs: int, out_itemsize: int, in_itemsize: int =
     """Merging with a dense ``method`` (methods.dense) from ``n_inputs`` models (base included)."""
     compute = (COMPUTE_ITEMSIZE * (n_inputs + METHOD_TEMPORARIES[method]) + MASK_BYTES
                + out_itemsize)
-    random = method.startswith("dare")  # a seed block of fp32 draws, and two partial blocks
-    magnitude = method == "ties"
+    random = method in RANDOM_METHODS  # a seed block of fp32 draws, and two partial blocks
+    histograms = HISTOGRAMS.get(method, 0)
+    gram = method in GRAM_METHODS  # fp64 chunks: a point's copy and one product at a time
     return Work(max(read_per_element(n_inputs, in_itemsize, aligned), compute),
-                scratch=COMPUTE_ITEMSIZE + 2 if random else 0,
-                scratch_elems=MASK_BLOCK_ELEMS if random else 0,
-                fixed=n_inputs * HIST_BYTES if magnitude else 0,
-                whole_extra=n_inputs * TIES_BITS if magnitude else 0)
+                scratch=COMPUTE_ITEMSIZE + 2 if random else 8 * (n_inputs + 1) if gram else 0,
+                scratch_elems=MASK_BLOCK_ELEMS if random else GRAM_CHUNK_ELEMS if gram else 0,
+                fixed=n_inputs * HIST_BYTES * histograms // 2,
+                whole_extra=n_inputs * TIES_BITS if histograms else 0)
 
 
 def copies_work(copies: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,

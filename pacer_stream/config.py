@@ -32,12 +32,17 @@ from .io.sources import ModelRef, parse_ref
 from . import mergekit_yaml
 from .methods import schedule
 from .sizes import parse_size
+from .slices import SliceSource, SliceSpec
 
-METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "split_merge")
+METHODS = ("pacer", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "split_merge",
+           "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp",
+           "multislerp", "karcher", "model_stock", "passthrough")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
-TOP_KEYS = ("project_name", "models", "base_model", "output", "method", "parameters", "pacer",
-            "seed", "align", "accept_config_differences")
+TOP_KEYS = ("project_name", "models", "slices", "base_model", "output", "method", "parameters",
+            "pacer", "seed", "align", "accept_config_differences")
+SLICE_KEYS = ("sources", "parameters")
+SOURCE_KEYS = ("model", "layer_range") + ("weight", "density", "epsilon", "gamma", "scale")
 ROUTER_MODES = ("linear", "deviation_norm")
 ROUTERS = ("few_shot", "data_free")
 DENSE_RULES = ("regmean", "mean")  # pacer.dense: how linear layers that are not upcycled merge
@@ -53,9 +58,12 @@ OUTPUT_KEYS = ("path", "save_format", "dtype", "shard_size", "target", "tokenize
 # Who runs the output (export/llamacpp.py): the minimal layout for transformers and vLLM,
 # or one llama.cpp converts and runs (every block a MoE block when any is).
 TARGETS = ("transformers", "llama.cpp")
-PER_MODEL_KEYS = ("weight", "density")  # parameters a model entry may set for itself
+PER_MODEL_KEYS = ("weight", "density", "epsilon", "gamma", "scale")  # parameters a model
+# entry may set for itself
 MODEL_KEYS = ("model",) + PER_MODEL_KEYS
-PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale")
+PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale", "epsilon", "gamma",
+                  "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps",
+                  "max_iter", "tol", "filter_wise", "scale")
 RESCALES = ("inverse_density", "l1", "none")
 # What each method reads of `parameters` (and of a model entry's weight/density). A plan
 # that sets anything else is refused by name: a value that is silently ignored is a lie.
@@ -67,11 +75,34 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "dare_ties": ("weight", "density", "lambda", "normalize", "rescale"),
     "pacer": ("weight", "normalize"),  # the dense layers are the (weighted) mean
     "split_merge": ("density",),
+    "della": ("weight", "density", "epsilon", "lambda", "normalize", "rescale"),
+    "della_linear": ("weight", "density", "epsilon", "lambda", "normalize", "rescale"),
+    "breadcrumbs": ("weight", "density", "gamma", "lambda", "normalize", "rescale"),
+    "breadcrumbs_ties": ("weight", "density", "gamma", "lambda", "normalize", "rescale"),
+    "slerp": ("t",),
+    "nuslerp": ("weight", "nuslerp_flatten", "nuslerp_row_wise"),
+    "multislerp": ("weight", "normalize_weights", "eps"),
+    "karcher": ("max_iter", "tol"),
+    "model_stock": ("filter_wise",),
+    "passthrough": ("scale",),
 }
+# Methods that need a base_model (task arithmetic and mergekit's base-required methods).
+BASE_METHODS = ("task_arithmetic", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties",
+                "slerp", "model_stock")
+# How many models a method merges, a base listed among them not counted (mergekit's
+# contracts): (at least, at most or None). Any other method: at least two.
+MODEL_COUNTS: dict[str, tuple[int, int | None]] = {
+    "slerp": (1, 1), "nuslerp": (2, 2), "multislerp": (1, None), "model_stock": (2, None),
+    "passthrough": (1, 1)}
 # Methods whose values hold for the whole model (no per-tensor filters or gradients).
 WHOLE_MODEL_METHODS = ("pacer", "split_merge")
 # Methods that ignore a base model (linear averages the models; split_merge is base-free).
-BASE_FREE_METHODS = ("linear", "split_merge")
+BASE_FREE_METHODS = ("linear", "split_merge", "karcher", "passthrough")
+BASE_FREE_REASONS = {"linear": "averages the models themselves",
+                     "split_merge": "is base-free (μ is the models' mean)",
+                     "karcher": "is the models' mean on the sphere (list the base among the "
+                                "models to include it)",
+                     "passthrough": "copies its one model"}
 # The pacer keys a method other than pacer reads: those of the alignment, when it aligns.
 ALIGN_PACER_KEYS = ("anchor_strategy", "max_sweeps")
 PACER_DEFAULTS: dict[str, Any] = {
@@ -153,10 +184,11 @@ class PlanConfig:
     align: bool | str = False  # True, False or "only"
     # config.json keys that may differ between the models (the anchor's values are written)
     accept_config_differences: tuple[str, ...] = ()
-    # read from a mergekit configuration (mergekit_yaml.py): what was read as what, and the
-    # layer range [start, end) of its slice, which must be every model's whole depth
+    # read from a mergekit configuration (mergekit_yaml.py): what was read as what
     read_as: tuple[str, ...] = ()
-    layer_range: tuple[int, int] | None = None
+    # an output assembled from layer ranges (slices.py); models are then the first slice's
+    # merged sources (the base, if any, left out)
+    slices: tuple[SliceSpec, ...] = ()
 
     @property
     def anchor_ref(self) -> ModelRef | None:
@@ -182,10 +214,9 @@ def load_plan(path: str | Path, out: str | Path | None = None) -> PlanConfig:
         raise PacerError(f"{path}: plan file is not UTF-8 text") from None
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if mergekit_yaml.is_mergekit(raw):
-        raw, notes, layer_range = mergekit_yaml.to_plan(raw, str(path), out_path, path.stem)
+        raw, notes = mergekit_yaml.to_plan(raw, str(path), out_path, path.stem)
         plan = parse_plan(raw, base_dir=path.resolve().parent, label=str(path))
-        return dataclasses.replace(plan, source=path.resolve(), read_as=tuple(notes),
-                                   layer_range=layer_range)
+        return dataclasses.replace(plan, source=path.resolve(), read_as=tuple(notes))
     if out_path is not None and isinstance(raw, dict):
         output = raw.get("output")
         raw = {**raw, "output": {**(output if isinstance(output, dict) else {}),
@@ -199,9 +230,13 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     if not isinstance(raw, dict):
         raise PacerError(f"{label}: a plan must be a YAML mapping with at least 'models'")
     _check_keys(raw, TOP_KEYS, label)
-    models = raw.get("models")
-    if not isinstance(models, list) or len(models) < 2:
-        raise PacerError(f"{label}: 'models' must list at least two models to merge")
+    slices = _slices(raw, base_dir, label) if "slices" in raw else ()
+    models = raw.get("models") if not slices else [
+        s.entry for s in slices[0].sources if s.ref != _base_of(raw, base_dir)]
+    at_least = MODEL_COUNTS.get(raw.get("method"), (2,))[0]
+    if not isinstance(models, list) or len(models) < max(at_least, 1):
+        raise PacerError(f"{label}: 'models' must list at least "
+                         f"{'two models' if at_least > 1 else 'one model'} to merge")
     entries = tuple(_model_entry(m, base_dir, f"{label}: models[{i}]") for i, m in enumerate(models))
 
     method = raw.get("method", "pacer")
@@ -210,13 +245,15 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
                          f"(choose from {', '.join(METHODS)})")
     base = raw.get("base_model")
     base_ref = parse_ref(base, base_dir) if base is not None else None
-    if method == "task_arithmetic" and base_ref is None:
-        raise PacerError(f"{label}: method task_arithmetic needs 'base_model'")
+    if method in BASE_METHODS and base_ref is None:
+        raise PacerError(f"{label}: method {method} needs 'base_model'")
+    _check_model_count(method, entries, base_ref, label)
 
     parameters = _mapping(raw.get("parameters", {}), f"{label}: parameters")
     _check_keys(parameters, PARAMETER_KEYS, f"{label}: parameters")
     _check_parameters(parameters, f"{label}: parameters")
     _check_used(method, parameters, entries, base_ref, label)
+    _check_method_values(method, parameters, entries, label)
     given_pacer = _mapping(raw.get("pacer", {}), f"{label}: pacer")
     _check_keys(given_pacer, tuple(PACER_DEFAULTS), f"{label}: pacer")
     pacer = {**PACER_DEFAULTS, **given_pacer}
@@ -261,11 +298,63 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
         raise PacerError(f"{label}: project_name must be a non-empty string")
     output = _output(raw.get("output"), base_dir, f"{label}: output", name)
     _check_tokenizer_source(output, entries, base_ref, f"{label}: output.tokenizer_source")
+    if slices and (method in ("pacer", "split_merge") or align):
+        what = f"method {method}" if method in ("pacer", "split_merge") else "align"
+        raise PacerError(f"{label}: slices with {what}: its statistics need whole models, "
+                         "which slices take apart; use a plain method (passthrough, linear, "
+                         "slerp, ...) without align")
     return PlanConfig(name, entries, output,
-                      method, base_ref, parameters, pacer, seed, None, align, tuple(accept))
+                      method, base_ref, parameters, pacer, seed, None, align, tuple(accept),
+                      slices=slices)
+
+
+def _slices(raw: dict, base_dir: Path, label: str) -> tuple[SliceSpec, ...]:
+    """``slices: [{sources: [{model, layer_range, <its parameters>}], parameters}]``."""
+    if "models" in raw:
+        raise PacerError(f"{label}: give models or slices, not both")
+    items = raw["slices"]
+    if not isinstance(items, list) or not items:
+        raise PacerError(f"{label}: slices must be a list of {{sources: [...]}}")
+    out = []
+    for p, item in enumerate(items):
+        where = f"{label}: slices[{p}]"
+        item = _mapping(item, where)
+        _check_keys(item, SLICE_KEYS, where)
+        sources = item.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise PacerError(f"{where}.sources: expected a list of {{model, layer_range}}")
+        parsed = []
+        for i, source in enumerate(sources):
+            at = f"{where}.sources[{i}]"
+            source = _mapping(source, at)
+            _check_keys(source, SOURCE_KEYS, at)
+            span = source.get("layer_range")
+            if (not isinstance(span, list) or len(span) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span)
+                    or span[0] >= span[1]):
+                raise PacerError(f"{at}.layer_range: expected [start, end] with start < end, "
+                                 f"got {span!r}")
+            entry = _model_entry({k: v for k, v in source.items() if k != "layer_range"},
+                                 base_dir, at)
+            parsed.append(SliceSource(entry, span[0], span[1]))
+        if len({s.end - s.start for s in parsed}) > 1:
+            raise PacerError(f"{where}: its sources cover different numbers of layers "
+                             f"({[[s.start, s.end] for s in parsed]}); give each the same")
+        parameters = _mapping(item.get("parameters", {}), f"{where}.parameters")
+        _check_keys(parameters, PARAMETER_KEYS, f"{where}.parameters")
+        _check_parameters(parameters, f"{where}.parameters")
+        out.append(SliceSpec(tuple(parsed), parameters))
+    return tuple(out)
+
+
+def _base_of(raw: dict, base_dir: Path) -> ModelRef | None:
+    base = raw.get("base_model")
+    return parse_ref(base, base_dir) if isinstance(base, str) else None
 
 
 def _model_entry(item: Any, base_dir: Path, where: str) -> ModelEntry:
+    if isinstance(item, ModelEntry):  # a slice's source, parsed already
+        return item
     if isinstance(item, str):
         return ModelEntry(parse_ref(item, base_dir))
     if not isinstance(item, dict) or "model" not in item:
@@ -338,6 +427,62 @@ def _rescale_check(value: Any, where: str) -> None:
         raise PacerError(f"{where}: expected one of {', '.join(RESCALES)}, got {value!r}")
 
 
+def _unit_check(value: Any, where: str) -> None:
+    if not 0 <= _number(value, where) <= 1:
+        raise PacerError(f"{where} must be in [0, 1], got {value}")
+
+
+def _epsilon_check(value: Any, where: str) -> None:
+    if not 0 <= _number(value, where) < 0.5:
+        raise PacerError(f"{where} must be in [0, 0.5) (density ± epsilon are probabilities), "
+                         f"got {value}")
+
+
+def _positive_check(value: Any, where: str) -> None:
+    if _number(value, where) <= 0:
+        raise PacerError(f"{where} must be positive, got {value}")
+
+
+def _count_check(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PacerError(f"{where} must be a positive integer, got {value!r}")
+
+
+def _check_model_count(method: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,
+                       label: str) -> None:
+    """A method's number of models (MODEL_COUNTS), a base listed among them not counted."""
+    if method not in MODEL_COUNTS:
+        return
+    low, high = MODEL_COUNTS[method]
+    key = (base.path, base.repo_id, base.revision) if base is not None else None
+    listed = sum((e.ref.path, e.ref.repo_id, e.ref.revision) == key for e in entries)
+    count = len(entries) - listed
+    if count < low or (high is not None and count > high):
+        want = f"exactly {low}" if low == high else f"at least {low}"
+        besides = " besides its base_model" if method in BASE_METHODS or base is not None else ""
+        raise PacerError(f"{label}: method {method} merges {want} model(s){besides}, got "
+                         f"{count}; list them under models")
+
+
+def _check_method_values(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
+                         label: str) -> None:
+    """What only a method and a combination of values show (one value is checked alone)."""
+    if method == "slerp" and "t" not in parameters:
+        raise PacerError(f"{label}: method slerp needs parameters.t (0 gives the base_model, 1 "
+                         "the other model)")
+    if method.startswith("breadcrumbs") and parameters.get("rescale") == "inverse_density":
+        raise PacerError(f"{label}: parameters.rescale inverse_density has no meaning for "
+                         f"{method} (nothing is dropped at random); use l1 or none")
+    if method.startswith("della"):  # where both are one number; per tensor: methods/dense.py
+        for i, entry in enumerate(entries):
+            d = entry.parameters.get("density", parameters.get("density", 1.0))
+            e = entry.parameters.get("epsilon", parameters.get("epsilon", 0.15))
+            if schedule.is_scalar(d) and schedule.is_scalar(e) and d < 1 \
+                    and not (d - e > 0 and d + e < 1):
+                raise PacerError(f"{label}: models[{i}]: della needs density - epsilon > 0 "
+                                 f"and density + epsilon < 1, got density {d}, epsilon {e}")
+
+
 # The check of one value of each parameter (a filter/gradient setting has each of its
 # values checked; methods/schedule.py). Every key of PARAMETER_KEYS has one.
 PARAMETER_CHECKS: dict[str, Any] = {
@@ -346,6 +491,17 @@ PARAMETER_CHECKS: dict[str, Any] = {
     "density": _density_check,
     "normalize": _bool_check,
     "rescale": _rescale_check,
+    "epsilon": _epsilon_check,
+    "gamma": _unit_check,
+    "t": _unit_check,
+    "scale": _number_check,
+    "nuslerp_flatten": _bool_check,
+    "nuslerp_row_wise": _bool_check,
+    "normalize_weights": _bool_check,
+    "filter_wise": _bool_check,
+    "eps": _positive_check,
+    "tol": _positive_check,
+    "max_iter": _count_check,
 }
 
 
@@ -368,8 +524,8 @@ def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
                              f"{hint.get(key, '')}; remove it (method {method} reads: "
                              f"{', '.join(uses)})")
     for i, entry in enumerate(entries):
-        for key in ("weight", "density"):
-            if getattr(entry, key) is not None and key not in uses:
+        for key in PER_MODEL_KEYS:
+            if key in entry.parameters and key not in uses:
                 raise PacerError(f"{label}: models[{i}].{key} has no effect with method "
                                  f"{method}{hint.get(key, '')}; remove it")
     if method in WHOLE_MODEL_METHODS:
@@ -380,8 +536,7 @@ def _check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
                              f"method {method} uses one value per model for the whole model; "
                              "give one number")
     if base is not None and method in BASE_FREE_METHODS:
-        what = "averages the models themselves" if method == "linear" else "is base-free (μ is " \
-            "the models' mean)"
+        what = BASE_FREE_REASONS[method]
         raise PacerError(f"{label}: method {method} {what}, so base_model would be ignored; "
                          "remove base_model" + (" or use task_arithmetic" if method == "linear"
                                                 else ""))

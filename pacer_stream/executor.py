@@ -54,7 +54,9 @@ from .lock import LOCK_FILE, OutputLock
 from .regmean_pass import INPUT_OF_ROLE, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods import schedule
-from .methods.dense import METHODS, MethodParams, TensorMerge, pacer_dense
+from .slices import roles
+from .methods.dense import METHODS, MethodParams, pacer_dense
+from .methods.registry import listed_base, tensor_merge
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
@@ -392,6 +394,12 @@ class MergeJob:
     def _fingerprint(self) -> str:
         return fingerprint({
             "tool": __version__, "method": self.config.method, "params": self._param_record(),
+            # every setting as written (filters, gradients, slices): what params_for resolves
+            "settings": {"parameters": self.config.parameters,
+                         "models": [e.parameters for e in self.config.models],
+                         "slices": [[[s.ref.text, s.start, s.end, s.entry.parameters]
+                                     for s in piece.sources] + [piece.parameters]
+                                    for piece in self.config.slices]},
             "seed": self.config.seed, "output_dtype": self.config.output.dtype,
             "align": [self.config.align, str(self.config.pacer["anchor_strategy"]),
                       self.config.pacer["max_sweeps"]],
@@ -1218,25 +1226,38 @@ class MergeJob:
         return self.tensor_params.get(name, self.params)
 
     def _tensor_params(self) -> dict[str, MethodParams]:
-        """Every merged tensor's values when the plan has filters or gradients, resolved
-        (and checked, e.g. weights that sum to zero) before anything is written."""
+        """Every merged tensor's values when the plan has filters, gradients or slices,
+        resolved (and checked, e.g. weights that sum to zero) before anything is written."""
         config = self.config
-        if not (schedule.varies(config.parameters)
+        if not (config.slices or schedule.varies(config.parameters)
                 or any(schedule.varies(e.parameters) for e in config.models)):
             return {}
-        graph = self.models.graph
         out = {}
-        for unit in graph.units:
-            t = schedule.layer_position(unit.layer, graph.dims["layers"])
+        for unit in self.models.graph.units:
+            models, plan, t = self._settings(unit)
             for name in unit.tensors:
-                models = [schedule.resolve(e.parameters, name, t) for e in config.models]
                 try:
                     out[name] = MethodParams.resolve(
-                        self.params.method.name, models,
-                        schedule.resolve(config.parameters, name, t), config.seed)
+                        self.params.method.name, [schedule.resolve(m, name, t) for m in models],
+                        schedule.resolve(plan, name, t), config.seed)
                 except PacerError as exc:
                     raise PacerError(f"{name}: {exc}") from None
         return out
+
+    def _settings(self, unit) -> tuple[list[dict], dict, float]:
+        """A unit's settings: each model's, the plan's, and the unit's t for gradients
+        (block i of L at i / (L - 1); in a sliced plan, within its slice: slices.py)."""
+        config, graph = self.config, self.models.graph
+        if not config.slices:
+            return ([e.parameters for e in config.models], config.parameters,
+                    schedule.layer_position(unit.layer, graph.dims["layers"]))
+        place = self.models.placements[unit.layer] if unit.layer is not None else None
+        piece_index = place.piece if place else (0 if unit.kind == "embed" else -1)
+        piece = config.slices[piece_index]
+        merged, _ = roles(piece, config.base_model, f"slices[{piece_index}]")
+        return ([piece.sources[i].entry.parameters for i in merged],
+                schedule.first_then(piece.parameters, config.parameters),
+                place.t if place else 0.0)
 
     def _merge_tensor(self, name: str, raw: list[torch.Tensor] | None, writer: ShardWriter) -> int:
         """Merge one tensor into the writer; returns the bytes read."""
@@ -1250,7 +1271,8 @@ class MergeJob:
         if name in self.regmean_names:
             self._write_solved(name, writer)
             return 0
-        merge = TensorMerge(name, info.shape, self.params_for(name), self.vocab_rows.get(name))
+        merge = tensor_merge(name, info.shape, self.params_for(name), self.vocab_rows.get(name),
+                             listed_base(self.config))
         ranges = self._ranges(name)
         read = 0
         split = None

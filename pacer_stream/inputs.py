@@ -41,6 +41,8 @@ class ModelSet:
     base: CheckpointIndex | None
     spec: ArchSpec
     graph: MergeGraph
+    # a sliced plan's output blocks: where each comes from (slices.py); None otherwise
+    placements: list | None = None
 
     @property
     def all(self) -> list[CheckpointIndex]:
@@ -87,16 +89,12 @@ class ModelSet:
 
     @classmethod
     def from_plan(cls, plan: PlanConfig) -> "ModelSet":
-        models = cls.open([m.ref for m in plan.models], plan.base_model,
-                          plan.accept_config_differences)
-        if plan.layer_range is not None:
-            depth = models.graph.dims["layers"]
-            if tuple(plan.layer_range) != (0, depth):
-                raise PacerError(
-                    f"{plan.source}: layer_range {list(plan.layer_range)}, but the models have "
-                    f"{depth} layers: a slice that takes part of a model (frankenmerges) is "
-                    f"not supported yet; write layer_range: [0, {depth}]")
-        return models
+        if plan.slices:
+            from .slices import sliced_models
+
+            return sliced_models(plan)
+        return cls.open([m.ref for m in plan.models], plan.base_model,
+                        plan.accept_config_differences)
 
 
 def _check_same_shapes(a: CheckpointIndex, b: CheckpointIndex) -> None:

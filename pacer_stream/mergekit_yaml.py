@@ -6,9 +6,9 @@ into the plan mapping that config.py validates, with these correspondences::
 
     merge_method                    method
     models: [{model, parameters}]   models: [{model, <parameters>}]  (a model's own values)
-    slices: one slice, every source layer_range [0, L]
-                                    the same as models (layer_range is checked against each
-                                    model's num_hidden_layers when the models are read)
+    slices: [{sources: [{model, layer_range, parameters}], parameters}]
+                                    slices (slices.py): the output's blocks assembled from
+                                    layer ranges, each slice merged from its sources
     base_model                      base_model; for the task-vector methods a base listed
                                     among the models is dropped from them, as mergekit
                                     skips its (zero) task vector; linear ignores a base, as
@@ -20,9 +20,9 @@ into the plan mapping that config.py validates, with these correspondences::
     tokenizer_source: base | model  output.tokenizer_source
     the OUT argument                output.path
 
-Refused by name, with what to do: ``modules``, slices that take part of a model or several
-slices (frankenmerges), ``tokenizer_source: union``, ``tokenizer``, ``chat_template``,
-LoRA references (``model+lora``), and any key mergekit itself does not know.
+Refused by name, with what to do: ``modules``, a ``base_model`` per slice,
+``tokenizer_source: union``, ``tokenizer``, ``chat_template``, LoRA references
+(``model+lora``), and any key mergekit itself does not know.
 """
 
 from __future__ import annotations
@@ -57,10 +57,8 @@ def is_mergekit(raw: Any) -> bool:
     return isinstance(raw, dict) and "merge_method" in raw
 
 
-def to_plan(raw: dict, label: str, out: Path | None, name: str
-            ) -> tuple[dict, list[str], tuple[int, int] | None]:
-    """The plan mapping for a mergekit configuration, notes on what was read as what, and
-    the layer range every model must cover (from a slice; None for ``models``)."""
+def to_plan(raw: dict, label: str, out: Path | None, name: str) -> tuple[dict, list[str]]:
+    """The plan mapping for a mergekit configuration, and notes on what was read as what."""
     if "method" in raw:
         raise PacerError(f"{label}: has both merge_method (mergekit) and method (pacer-stream); "
                          "keep one")
@@ -78,12 +76,17 @@ def to_plan(raw: dict, label: str, out: Path | None, name: str
     parameters = _parameters(raw.get("parameters"), f"{label}: parameters", notes)
     if ("models" in raw) == ("slices" in raw):
         raise PacerError(f"{label}: give exactly one of models and slices")
+    plan: dict[str, Any] = {"project_name": name, "method": method,
+                            "output": {"path": str(out)}}
+    base = raw.get("base_model")
     if "models" in raw:
-        models, layer_range = _models(raw["models"], f"{label}: models", notes), None
+        models = _models(raw["models"], f"{label}: models", notes)
     else:
-        models, layer_range, slice_parameters = _one_slice(raw["slices"], f"{label}: slices",
-                                                           notes)
-        parameters = _before(slice_parameters, parameters)
+        plan["slices"] = _slices(raw["slices"], f"{label}: slices", notes)
+        models = []  # a slice lists its base among its sources (slices.py)
+        if method in BASE_IGNORED and base is not None:
+            plan["slices"] = [{**s, "sources": [x for x in s["sources"] if x["model"] != base]
+                               or s["sources"]} for s in plan["slices"]]
     base = raw.get("base_model")
     if base is not None:
         _check_ref(base, f"{label}: base_model")
@@ -95,8 +98,8 @@ def to_plan(raw: dict, label: str, out: Path | None, name: str
         elif method in BASE_IGNORED:
             notes.append(f"base_model is ignored by {method} (as by mergekit's)")
             base = None
-    plan: dict[str, Any] = {"project_name": name, "models": models,
-                            "method": method, "output": {"path": str(out)}}
+    if "models" in raw:
+        plan["models"] = models
     if base is not None:
         plan["base_model"] = base
     if parameters:
@@ -116,7 +119,7 @@ def to_plan(raw: dict, label: str, out: Path | None, name: str
             raise PacerError(f"{label}: tokenizer_source: union (merging vocabularies) is not "
                              "supported; use base or one of the models")
         plan["output"]["tokenizer_source"] = source
-    return plan, notes, layer_range
+    return plan, notes
 
 
 def _models(items: Any, where: str, notes: list[str]) -> list[dict]:
@@ -140,46 +143,37 @@ def _models(items: Any, where: str, notes: list[str]) -> list[dict]:
     return out
 
 
-def _one_slice(slices: Any, where: str, notes: list[str]
-               ) -> tuple[list[dict], tuple[int, int], dict]:
-    """A slices block that is a plain merge: one slice, every source the same whole range."""
-    if not isinstance(slices, list) or not slices:
+def _slices(items: Any, where: str, notes: list[str]) -> list[dict]:
+    """mergekit's slices as a plan's: each source's parameters become its own keys."""
+    if not isinstance(items, list) or not items:
         raise PacerError(f"{where}: expected a list of slices")
-    if len(slices) > 1:
-        raise PacerError(f"{where}: {len(slices)} slices: assembling layers from several "
-                         "slices (frankenmerges, layer stacking) is not supported yet; merge "
-                         "with one slice over all layers, or with models")
-    piece = slices[0]
-    if not isinstance(piece, dict) or "sources" not in piece:
-        raise PacerError(f"{where}[0]: expected {{sources: [...]}}")
-    unknown = [k for k in piece if k not in ("sources", "parameters", "base_model")]
-    if unknown:
-        raise PacerError(f"{where}[0]: {unknown[0]!r} is not supported in a slice "
-                         "(sources, parameters)")
-    if "base_model" in piece:
-        raise PacerError(f"{where}[0].base_model: give base_model at the top level")
-    sources = piece["sources"]
-    if not isinstance(sources, list) or not sources:
-        raise PacerError(f"{where}[0].sources: expected a list of {{model, layer_range}}")
-    ranges = set()
-    items = []
-    for i, source in enumerate(sources):
-        at = f"{where}[0].sources[{i}]"
-        if not isinstance(source, dict) or "layer_range" not in source:
-            raise PacerError(f"{at}: expected {{model: ..., layer_range: [start, end]}}")
-        span = source["layer_range"]
-        if (not isinstance(span, list) or len(span) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
-            raise PacerError(f"{at}.layer_range: expected [start, end], got {span!r}")
-        ranges.add(tuple(span))
-        items.append({k: v for k, v in source.items() if k != "layer_range"})
-    if len(ranges) > 1 or next(iter(ranges))[0] != 0:
-        raise PacerError(f"{where}[0]: sources with layer ranges {sorted(ranges)}: a slice "
-                         "that takes part of a model (frankenmerges) is not supported yet; "
-                         "every source must cover [0, its number of layers]")
-    notes.append("one slice over every layer: merged as models")
-    return (_models(items, f"{where}[0].sources", notes), next(iter(ranges)),
-            _parameters(piece.get("parameters"), f"{where}[0].parameters", notes))
+    out = []
+    for p, piece in enumerate(items):
+        at = f"{where}[{p}]"
+        if not isinstance(piece, dict) or "sources" not in piece:
+            raise PacerError(f"{at}: expected {{sources: [...]}}")
+        unknown = [k for k in piece if k not in ("sources", "parameters", "base_model")]
+        if unknown:
+            raise PacerError(f"{at}: {unknown[0]!r} is not a mergekit slice key (sources, "
+                             "parameters)")
+        if "base_model" in piece:
+            raise PacerError(f"{at}.base_model: a base per slice is not supported; give "
+                             "base_model at the top level and list it among each slice's sources")
+        if not isinstance(piece["sources"], list) or not piece["sources"]:
+            raise PacerError(f"{at}.sources: expected a list of {{model, layer_range}}")
+        sources = []
+        for i, source in enumerate(piece["sources"]):
+            if not isinstance(source, dict) or "layer_range" not in source:
+                raise PacerError(f"{at}.sources[{i}]: expected {{model: ..., layer_range: "
+                                 "[start, end]}}")
+            item = {k: v for k, v in source.items() if k != "layer_range"}
+            entry = _models([item], f"{at}.sources", notes)[0]
+            sources.append({**entry, "layer_range": source["layer_range"]})
+        slice_ = {"sources": sources}
+        if piece.get("parameters"):
+            slice_["parameters"] = _parameters(piece["parameters"], f"{at}.parameters", notes)
+        out.append(slice_)
+    return out
 
 
 def _parameters(raw: Any, where: str, notes: list[str]) -> dict:
@@ -197,23 +191,6 @@ def _parameters(raw: Any, where: str, notes: list[str]) -> dict:
         else:
             out[key] = value
     return out
-
-
-def _before(first: dict, then: dict) -> dict:
-    """Settings where ``first`` takes precedence over ``then`` key by key, but falls back
-    to ``then`` for a tensor that none of its filters match (mergekit's precedence)."""
-    out = dict(then)
-    for key, setting in first.items():
-        out[key] = _conditions(setting) + _conditions(then[key]) if key in then else setting
-    return out
-
-
-def _conditions(setting: Any) -> list:
-    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
-        return list(setting)
-    if isinstance(setting, dict):
-        return [setting]
-    return [{"value": setting}]
 
 
 def _check_ref(ref: Any, where: str) -> None:

@@ -100,13 +100,8 @@ def test_held_out_lines_are_evenly_spread():
 
 # -- the base-free dense rule --------------------------------------------------------------
 
-class _Entry:
-    weight = None
-    density = None
-
-
 def _merge(method: str, x: torch.Tensor, density: float = 1.0, base=None) -> torch.Tensor:
-    params = MethodParams.resolve(method, [_Entry()] * x.shape[0], {"density": density}, 0)
+    params = MethodParams.resolve(method, [{}] * x.shape[0], {"density": density}, 0)
     merge = TensorMerge("t", tuple(x.shape[1:]), params)
     anchor, d = merge.split(x.clone(), base)
     merge.observe_whole(d)

@@ -116,31 +116,37 @@ def test_bad_settings_are_refused(setting, needle):
 
 # -- translation ---------------------------------------------------------------------------
 
-def test_a_slice_over_every_layer_is_a_plain_merge(tmp_path):
+def test_slices_become_a_plans_slices(tmp_path):
     raw = {"slices": [{"sources": [{"model": "a/x", "layer_range": [0, 40]},
                                    {"model": "a/y", "layer_range": [0, 40],
                                     "parameters": {"weight": 2}}],
                        "parameters": {"t": [{"filter": "mlp", "value": 1}]}}],
            "merge_method": "slerp", "base_model": "a/x",
            "parameters": {"t": 0.5, "rescale": True}, "dtype": "bf16"}
-    plan, notes, span = to_plan(raw, "m.yml", tmp_path / "out", "m")
-    assert span == (0, 40)
-    assert plan["models"] == [{"model": "a/x"}, {"model": "a/y", "weight": 2}]
-    assert plan["base_model"] == "a/x"  # slerp keeps the base among its two models
-    # the slice's settings first, then the top level's for what its filters miss
-    assert plan["parameters"]["t"] == [{"filter": "mlp", "value": 1}, {"value": 0.5}]
-    assert plan["parameters"]["rescale"] == "l1"  # mergekit's rescale: the L1-norm ratio
+    plan, notes = to_plan(raw, "m.yml", tmp_path / "out", "m")
+    assert plan["slices"] == [{"sources": [{"model": "a/x", "layer_range": [0, 40]},
+                                           {"model": "a/y", "weight": 2, "layer_range": [0, 40]}],
+                               "parameters": {"t": [{"filter": "mlp", "value": 1}]}}]
+    assert "models" not in plan and plan["base_model"] == "a/x"  # listed among the sources
+    assert plan["parameters"] == {"t": 0.5, "rescale": "l1"}  # mergekit's rescale: L1 ratio
     assert plan["output"] == {"path": str(tmp_path / "out"), "dtype": "bfloat16"}
     assert any("mergekit" in n for n in notes) and any("float32" in n for n in notes)
 
 
+def test_a_slices_parameters_go_before_the_top_levels():
+    merged = schedule.first_then({"t": [{"filter": "mlp", "value": 1}]}, {"t": 0.5, "w": 2})
+    assert merged == {"t": [{"filter": "mlp", "value": 1}, {"value": 0.5}], "w": 2}
+    assert schedule.value_at(merged["t"], "model.layers.0.mlp.up_proj.weight", 0) == 1
+    assert schedule.value_at(merged["t"], "model.norm.weight", 0) == 0.5
+
+
 def test_a_listed_base_is_no_task_vector_and_linear_ignores_the_base(tmp_path):
     models = [{"model": "b/base"}, {"model": "a/x"}, {"model": "a/y"}]
-    ties, notes, _ = to_plan({"models": models, "merge_method": "ties", "base_model": "b/base"},
+    ties, notes = to_plan({"models": models, "merge_method": "ties", "base_model": "b/base"},
                              "m.yml", tmp_path, "m")
     assert [m["model"] for m in ties["models"]] == ["a/x", "a/y"]
     assert any("dropped" in n for n in notes)
-    linear, notes, _ = to_plan({"models": models, "merge_method": "linear",
+    linear, notes = to_plan({"models": models, "merge_method": "linear",
                                 "base_model": "b/base"}, "m.yml", tmp_path, "m")
     assert "base_model" not in linear and len(linear["models"]) == 3
     assert any("ignored" in n for n in notes)
@@ -162,13 +168,13 @@ def test_unsupported_mergekit_keys_are_refused_by_name(extra, needle, tmp_path):
 
 
 @pytest.mark.parametrize("slices, needle", [
-    ([{"sources": [{"model": "a/x", "layer_range": [0, 8]}]},
-      {"sources": [{"model": "a/x", "layer_range": [8, 16]}]}], "2 slices"),
-    ([{"sources": [{"model": "a/x", "layer_range": [0, 8]},
-                   {"model": "a/y", "layer_range": [4, 12]}]}], "part of a model"),
     ([{"sources": [{"model": "a/x"}]}], "layer_range"),
+    ([{"sources": [{"model": "a/x", "layer_range": [0, 8]}], "base_model": "a/x"}],
+     "base per slice"),
+    ([{"sources": [{"model": "a/x", "layer_range": [0, 8]}], "residual_weight": 1}],
+     "not a mergekit slice key"),
 ])
-def test_frankenmerge_slices_are_refused(slices, needle, tmp_path):
+def test_bad_slices_are_refused(slices, needle, tmp_path):
     with pytest.raises(PacerError, match=needle):
         to_plan({"slices": slices, "merge_method": "passthrough"}, "m.yml", tmp_path, "m")
 

@@ -68,7 +68,6 @@ def plan_dict(config: PlanConfig) -> dict[str, Any]:
     """``config`` as the plain mapping of a plan file that parses back to it."""
     out: dict[str, Any] = {
         "project_name": config.project_name,
-        "models": [_entry(e) for e in config.models],
         "method": config.method,
         "parameters": dict(config.parameters),
         "seed": config.seed,
@@ -77,6 +76,12 @@ def plan_dict(config: PlanConfig) -> dict[str, Any]:
         "output": {f.name: _plain(getattr(config.output, f.name))
                    for f in dataclasses.fields(config.output)},
     }
+    if config.slices:
+        out["slices"] = [{"sources": [{**_entry(s.entry), "layer_range": [s.start, s.end]}
+                                      for s in piece.sources],
+                          "parameters": dict(piece.parameters)} for piece in config.slices]
+    else:
+        out["models"] = [_entry(e) for e in config.models]
     if config.base_model is not None:
         out["base_model"] = ref_text(config.base_model)
     pacer = _pacer_dict(config)
@@ -129,24 +134,48 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
                 shard_size: int) -> PlanConfig:
     """The plan that reproduces this run: ``--shard-size`` folded in, and hub models
     pinned to the commit read (``inputs``: the models' indexes, then the base's)."""
-    pinned = {id(ref): _pinned(ref, index) for ref, index in zip(_refs(config), inputs)}
+    if config.slices:  # virtual inputs (slices.py): their files hold each real model's
+        real = [s.ref for piece in config.slices for s in piece.sources]
+        real = [ref for i, ref in enumerate(real) if ref not in real[:i]]
+        by_ref = [(ref, _pinned(ref, _Files(files)))
+                  for ref, files in zip(real, inputs[0].files.members)]
 
-    def pin(ref):
-        return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
+        def pin(ref):
+            return next((p for r, p in by_ref if r == ref), ref) if isinstance(ref, ModelRef) \
+                else ref
+    else:
+        pinned = {id(ref): _pinned(ref, index) for ref, index in zip(_refs(config), inputs)}
+
+        def pin(ref):
+            return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
 
     pacer = {**config.pacer, "anchor_strategy": pin(config.pacer["anchor_strategy"])}
     source = config.output.tokenizer_source  # its own reference, equal to one of the inputs'
     if isinstance(source, ModelRef):
         source = next(pin(ref) for ref in _refs(config) if ref == source)
+    slices = tuple(dataclasses.replace(piece, sources=tuple(
+        dataclasses.replace(s, entry=dataclasses.replace(s.entry, ref=pin(s.ref)))
+        for s in piece.sources)) for piece in config.slices)
     return dataclasses.replace(
         config, models=tuple(dataclasses.replace(e, ref=pin(e.ref)) for e in config.models),
-        base_model=pin(config.base_model), pacer=pacer,
+        base_model=pin(config.base_model), pacer=pacer, slices=slices,
         output=dataclasses.replace(config.output, shard_size=shard_size,
                                    tokenizer_source=source))
 
 
+@dataclasses.dataclass
+class _Files:
+    """What _pinned reads of an index: its files."""
+
+    files: Any
+
+
 def _refs(config: PlanConfig) -> list[ModelRef]:
-    """The models' references, then the base model's (the order of the run's inputs)."""
+    """The models' references, then the base model's (the order of the run's inputs); for
+    a sliced plan, every model its slices read, once each, in order of first use."""
+    if config.slices:
+        refs = [s.ref for piece in config.slices for s in piece.sources]
+        return [ref for i, ref in enumerate(refs) if ref not in refs[:i]]
     return [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
 
 
@@ -262,7 +291,7 @@ def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
     everyone = list(inputs) + ([base] if base is not None else [])
     lines = _front(config, out_config, moe, shared_license(everyone))
     lines += [f"# {config.project_name}", "",
-              f"A `{config.method}` merge of {len(config.models)} {family} checkpoints, made "
+              f"A `{config.method}` merge of {len(_refs(config))} {family} checkpoints, made "
               f"with pacer-stream {__version__}.", ""]
     lines += _inputs(config, inputs, params)
     lines += _method(config, params)
@@ -278,6 +307,14 @@ def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
 
 def _inputs(config: PlanConfig, inputs: list[CheckpointIndex], params: dict) -> list[str]:
     lines = ["## Inputs", ""]
+    if config.slices:  # the output's blocks, slice by slice
+        first = 0
+        for piece in config.slices:
+            sources = ", ".join(f"`{ref_text(s.ref)}` layers {s.start}-{s.end - 1}"
+                                for s in piece.sources)
+            lines.append(f"- blocks {first}-{first + piece.length - 1}: {sources}")
+            first += piece.length
+        return lines + [""]
     weights = params.get("weights") or [e.weight for e in config.models]
     for k, (entry, index) in enumerate(zip(config.models, inputs)):
         lines.append(f"- `{ref_text(entry.ref)}` (weight {weights[k]}"

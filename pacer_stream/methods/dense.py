@@ -1,11 +1,17 @@
-"""Dense merge methods: linear, task arithmetic, TIES, DARE (linear and TIES).
+"""Dense merge methods: linear, task arithmetic, TIES, DARE, DELLA and Model
+Breadcrumbs (each linear and with TIES election).
 
 All of them, for one tensor with N model copies X_k and weights w_k::
 
     B     = base model; without one, a pseudo-base (below)
     D_k   = X_k - B                                   (task vectors)
     D_k  <- sparsify(D_k)                              (TIES: top-k magnitude;
-                                                        DARE: random drop + rescale)
+                                                        DARE: random drop + rescale;
+                                                        DELLA: random drop, keep
+                                                        probability by magnitude rank
+                                                        in the row, + rescale;
+                                                        Breadcrumbs: drop the largest
+                                                        gamma share and the smallest)
     W_k   = w_k * D_k                                  (weights apply before election)
     TIES: keep W_k where sign(W_k) == s, with s the elected sign
     out   = B + lambda * sum(W_k) / (normalize ? sum of kept w_k : 1)
@@ -32,6 +38,15 @@ generalized task arithmetic where it has the method, with one documented
 difference: DARE rescales kept entries by 1/density as in the DARE paper;
 ``rescale: l1`` gives mergekit's L1-norm-ratio rescaling instead.
 
+DELLA and Breadcrumbs need a base (mergekit's contract) and follow mergekit's
+``della_magprune`` / ``magnitude_outliers`` (methods/sparsify.py); DELLA's random draws
+are this package's own seeded ones, so its masks have mergekit's distribution, not its
+bits.
+
+This module also holds the table of every method (:data:`METHODS`) and their resolved
+parameters (:class:`MethodParams`); the methods of other families (spherical.py,
+model_stock.py, passthrough.py) are built by registry.py.
+
 A :class:`TensorMerge` sees a tensor in row slices and may need observation passes
 before merging (exact magnitude thresholds, L1 sums), so results never depend on
 how a tensor was sliced.
@@ -40,13 +55,15 @@ how a tensor was sliced.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import PacerError
-from .sparsify import MagnitudeSelect, dare_keep, magnitude_bits
+from . import schedule
+from .sparsify import (MagnitudeSelect, OutlierBand, dare_keep, della_probabilities,
+                       magnitude_bits, uniform_draws)
 from .vocabulary import merge_rows
 
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
@@ -57,11 +74,14 @@ class MethodDef:
     """A dense method, as data."""
 
     name: str
-    sparsify: str | None  # "magnitude" (TIES) | "random" (DARE) | None
+    sparsify: str | None  # "magnitude" (TIES) | "random" (DARE) | "della" | "outliers"
+    # (Breadcrumbs) | None
     consensus: bool  # TIES sign election
     normalize: bool  # default: divide by the (kept) weights
-    rescale: str = "none"  # default DARE rescaling
+    rescale: str = "none"  # default DARE / DELLA / Breadcrumbs rescaling
     linear: bool = False  # average the models themselves, no task vectors
+    family: str = "dense"  # which module merges it (registry.py): dense, spherical,
+    # model_stock, passthrough
 
 
 METHODS: dict[str, MethodDef] = {
@@ -70,6 +90,25 @@ METHODS: dict[str, MethodDef] = {
     "ties": MethodDef("ties", "magnitude", True, True),
     "dare_linear": MethodDef("dare_linear", "random", False, False, "inverse_density"),
     "dare_ties": MethodDef("dare_ties", "random", True, False, "inverse_density"),
+    # mergekit's defaults: DELLA rescales by the L1 ratio, Breadcrumbs does not rescale
+    "della": MethodDef("della", "della", True, True, "l1"),
+    "della_linear": MethodDef("della_linear", "della", False, False, "l1"),
+    "breadcrumbs": MethodDef("breadcrumbs", "outliers", False, False),
+    "breadcrumbs_ties": MethodDef("breadcrumbs_ties", "outliers", True, False),
+    "slerp": MethodDef("slerp", None, False, False, family="spherical"),
+    "nuslerp": MethodDef("nuslerp", None, False, False, family="spherical"),
+    "multislerp": MethodDef("multislerp", None, False, False, family="spherical"),
+    "karcher": MethodDef("karcher", None, False, False, family="spherical"),
+    "model_stock": MethodDef("model_stock", None, False, False, family="model_stock"),
+    "passthrough": MethodDef("passthrough", None, False, False, family="passthrough"),
+}
+
+# Defaults of the values only some methods read (mergekit's): DELLA's epsilon,
+# Breadcrumbs' gamma, the spherical methods' and Model Stock's switches.
+DEFAULTS: dict[str, Any] = {
+    "epsilon": 0.15, "gamma": 0.01, "filter_wise": False, "nuslerp_flatten": True,
+    "nuslerp_row_wise": False, "normalize_weights": True, "eps": 1e-8, "max_iter": 10,
+    "tol": 1e-5,
 }
 
 
@@ -92,6 +131,15 @@ class MethodParams:
     normalize: bool = True
     rescale: str = "none"
     seed: int = 0
+    epsilons: tuple[float, ...] = ()  # DELLA, per model
+    gammas: tuple[float, ...] = ()  # Breadcrumbs, per model
+    scales: tuple[float | None, ...] = ()  # passthrough, per model (None: no scaling)
+    t: float | None = None  # slerp (None: no value for this tensor)
+    switches: Mapping[str, Any] = field(default_factory=dict)  # the DEFAULTS keys
+
+    def switch(self, key: str) -> Any:
+        """A value of :data:`DEFAULTS` (filter_wise, eps, ...), as resolved."""
+        return self.switches.get(key, DEFAULTS[key])
 
     @classmethod
     def resolve(cls, method: str, models, parameters: Mapping[str, Any], seed: int
@@ -105,18 +153,33 @@ class MethodParams:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
         mdef = METHODS[method]
         per_model = [m if isinstance(m, Mapping) else m.parameters for m in models]
+        # A setting that varies by tensor (a filter or gradient) is not one value here:
+        # the executor resolves it per tensor (params_for), so skip it at the model level.
+        plan = {k: v for k, v in parameters.items() if schedule.is_scalar(v)}
 
-        def each(key: str, default: float) -> tuple[float, ...]:
-            plan_value = parameters.get(key, default)
-            return tuple(float(m.get(key, plan_value)) for m in per_model)
+        def each(key: str, default: Any) -> tuple[Any, ...]:
+            plan_value = plan.get(key, default)
+            values = [m.get(key, plan_value) for m in per_model]
+            return tuple(v if schedule.is_scalar(v) else plan_value for v in values)
 
-        weights, densities = each("weight", 1.0), each("density", 1.0)
-        rescale = parameters.get("rescale", mdef.rescale)
-        normalize = parameters.get("normalize", mdef.normalize)
-        lam = parameters.get("lambda", 1.0)
+        weights = tuple(map(float, each("weight", 1.0)))
+        densities = tuple(map(float, each("density", 1.0)))
+        rescale = plan.get("rescale", mdef.rescale)
+        normalize = plan.get("normalize", mdef.normalize)
+        lam = plan.get("lambda", 1.0)
         if normalize and abs(sum(weights)) < 1e-8 and mdef.linear:
             raise PacerError("parameters: model weights sum to zero; cannot normalize")
-        return cls(mdef, weights, densities, float(lam), normalize, rescale, seed)
+        epsilons = tuple(map(float, each("epsilon", DEFAULTS["epsilon"])))
+        if mdef.sparsify == "della":
+            for k, (d, e) in enumerate(zip(densities, epsilons)):
+                if d < 1 and not (d - e > 0 and d + e < 1):
+                    raise PacerError(f"models[{k}]: della needs density - epsilon > 0 and "
+                                     f"density + epsilon < 1, got density {d}, epsilon {e}")
+        t = plan.get("t")
+        return cls(mdef, weights, densities, float(lam), normalize, rescale, seed,
+                   epsilons, tuple(map(float, each("gamma", DEFAULTS["gamma"]))),
+                   each("scale", None), None if t is None else float(t),
+                   {k: plan[k] for k in DEFAULTS if k in plan})
 
 
 class TensorMerge:
@@ -139,20 +202,31 @@ class TensorMerge:
         for d in shape:
             numel *= d
         m = params.method
-        self.select = [MagnitudeSelect(numel, d) for d in params.densities] \
-            if m.sparsify == "magnitude" else None
+        self.select: list[MagnitudeSelect] | list[OutlierBand] | None = None
+        if m.sparsify == "magnitude":
+            self.select = [MagnitudeSelect(numel, d) for d in params.densities]
+        elif m.sparsify == "outliers":
+            self.select = [OutlierBand(numel, d, g)
+                           for d, g in zip(params.densities, params.gammas)]
         self._bits: list[torch.Tensor] | None = None
         self.vote_by_count = False  # set by split(): base-free sign election (docstring)
         self.l1 = None
-        if m.sparsify == "random" and params.rescale == "l1":
+        if m.sparsify is not None and params.rescale == "l1":
             self.l1 = torch.zeros(2, len(params.weights), dtype=torch.float64)  # before, after
+        # DELLA ranks a vector (a tensor of < 2 axes) as one row: its magnitudes are
+        # observed whole first (a vector is small), as a row slice cannot rank them.
+        self.magnitudes = torch.zeros(len(params.weights), numel) \
+            if m.sparsify == "della" and len(shape) < 2 else None
 
     @property
     def passes(self) -> list[str]:
         """Observation passes needed before :meth:`merge`."""
+        passes = []
         if self.select is not None:
-            return ["magnitude-high", "magnitude-low"]
-        return ["l1-norms"] if self.l1 is not None else []
+            passes += ["magnitude-high", "magnitude-low"]
+        if self.magnitudes is not None:
+            passes.append("della-magnitudes")
+        return passes + (["l1-norms"] if self.l1 is not None else [])
 
     def split(self, x: torch.Tensor, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchor, task vectors): x [N, ...] fp32 is turned into x - anchor in place."""
@@ -177,17 +251,24 @@ class TensorMerge:
                 self.select[k].observe_low(bits)
                 self._bits.append(bits)  # reused by merge() for the mask
         for pass_name in self.passes:
-            if pass_name == "l1-norms":
+            if pass_name in ("l1-norms", "della-magnitudes"):
                 self.observe(pass_name, (0, self.shape[0] if self.shape else 1), d)
 
     def observe(self, pass_name: str, rows: tuple[int, int], d: torch.Tensor) -> None:
+        if rows[0] == 0 and pass_name == "l1-norms" and self.select is not None:
+            for select in self.select:  # the masks are handed out again from slice 0
+                select.restart()
         for k in range(d.shape[0]):
             if pass_name == "magnitude-high":
                 self.select[k].observe_high(magnitude_bits(d[k]))
             elif pass_name == "magnitude-low":
                 self.select[k].observe_low(magnitude_bits(d[k]))
+            elif pass_name == "della-magnitudes":
+                self.magnitudes[k, rows[0]:rows[1]] = d[k].reshape(-1).abs()
             else:
-                keep = self._dare(rows, k, d.device)
+                if self.p.densities[k] >= 1:
+                    continue  # never sparsified, never rescaled
+                keep = self._keep(rows, k, d[k])
                 self.l1[0, k] += d[k].abs().sum(dtype=torch.float64).item()
                 self.l1[1, k] += (d[k] * keep).abs().sum(dtype=torch.float64).item()
 
@@ -202,14 +283,22 @@ class TensorMerge:
             for k in range(1, n):
                 out.add_(d[k], alpha=p.weights[k])
             return out.div_(sum(p.weights)) if p.normalize else out
-        if m.sparsify == "magnitude":
+        if m.sparsify in ("magnitude", "outliers"):
             bits, self._bits = self._bits, None
             for k in range(n):
+                if rows[0] == 0:
+                    self.select[k].restart()
                 self.select[k].prune_(d[k], bits[k] if bits else magnitude_bits(d[k]))
+                if m.sparsify == "outliers" and p.densities[k] < 1 and self.l1 is not None:
+                    d[k].mul_(self._dare_scale(k))
         elif m.sparsify == "random":
             for k in range(n):
                 if p.densities[k] < 1:
                     d[k].mul_(self._dare(rows, k, d.device)).mul_(self._dare_scale(k))
+        elif m.sparsify == "della":
+            for k in range(n):
+                if p.densities[k] < 1:
+                    self._della_(rows, k, d[k])
         for k in range(n):
             if p.weights[k] != 1:
                 d[k].mul_(p.weights[k])
@@ -236,6 +325,38 @@ class TensorMerge:
         if p.lam != 1:
             mixed *= p.lam
         return mixed.add_(anchor)
+
+    def _keep(self, rows: tuple[int, int], k: int, dk: torch.Tensor) -> torch.Tensor:
+        """The keep mask of model k's task vector on these rows (before rescaling)."""
+        m = self.p.method
+        if m.sparsify == "random":
+            return self._dare(rows, k, dk.device)
+        if m.sparsify == "della":
+            return self._draws(rows, k, dk) < self._della_p(rows, k, dk)
+        return self.select[k].mask(magnitude_bits(dk)).reshape(dk.shape)
+
+    def _della_p(self, rows: tuple[int, int], k: int, dk: torch.Tensor) -> torch.Tensor:
+        """DELLA's keep probabilities (sparsify.della_probabilities) on these rows."""
+        d, e = self.p.densities[k], self.p.epsilons[k]
+        if self.magnitudes is None:  # rows are ranked within themselves
+            return della_probabilities(dk.abs(), d, e).to(dk.device)
+        whole = della_probabilities(self.magnitudes[k], d, e)
+        return whole[rows[0]:rows[1]].reshape(dk.shape).to(dk.device)
+
+    def _della_(self, rows: tuple[int, int], k: int, dk: torch.Tensor) -> None:
+        """Drop, in place, what DELLA drops of model k's task vector, then rescale: by the
+        L1 ratio (l1, mergekit's), by 1 / p per entry (inverse_density, the paper's)."""
+        probs = self._della_p(rows, k, dk)
+        dk.mul_(self._draws(rows, k, dk) < probs)
+        if self.p.rescale == "inverse_density":
+            dk.div_(probs)
+        elif self.p.rescale == "l1":
+            dk.mul_(self._dare_scale(k))
+
+    def _draws(self, rows: tuple[int, int], k: int, dk: torch.Tensor) -> torch.Tensor:
+        shape = self.shape if self.shape else (1,)
+        draws = uniform_draws(shape, rows, self.p.seed, self.name, k)
+        return draws.reshape(dk.shape).to(dk.device)
 
     def _dare(self, rows: tuple[int, int], k: int, device: torch.device) -> torch.Tensor:
         shape = self.shape if self.shape else (1,)

@@ -114,3 +114,21 @@ def resolve(settings: Mapping[str, Any], tensor: str, t: float) -> dict[str, Any
 def varies(settings: Mapping[str, Any]) -> list[str]:
     """The keys whose setting is not one scalar."""
     return [k for k, v in settings.items() if not is_scalar(v)]
+
+
+def first_then(first: Mapping[str, Any], then: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings where ``first`` takes precedence over ``then`` key by key, but a tensor that
+    none of its filters match falls back to ``then`` (mergekit's precedence of a slice's
+    parameters over the top level's)."""
+    out = dict(then)
+    for key, setting in first.items():
+        out[key] = _conditions(setting) + _conditions(then[key]) if key in then else setting
+    return out
+
+
+def _conditions(setting: Any) -> list:
+    if isinstance(setting, list) and setting and all(isinstance(e, Mapping) for e in setting):
+        return list(setting)
+    if isinstance(setting, Mapping):
+        return [setting]
+    return [{"value": setting}]
