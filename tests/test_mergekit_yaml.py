@@ -362,3 +362,50 @@ def test_thread_count_does_not_change_a_byte(method, fixtures_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         outputs.append(digests(tmp_path / threads))
     assert outputs[0] == outputs[1]
+
+
+# mergekit's examples/gradient-slerp.yml, verbatim but for dtype (float32 here, so t = 0
+# and t = 1 can be checked to the bit's neighbourhood)
+GRADIENT_SLERP_YML = """\
+slices:
+  - sources:
+      - model: psmathur/orca_mini_v3_13b
+        layer_range: [0, 40]
+      - model: garage-bAInd/Platypus2-13B
+        layer_range: [0, 40]
+# or, the equivalent models: syntax:
+# models:
+#   - model: psmathur/orca_mini_v3_13b
+#   - model: garage-bAInd/Platypus2-13B
+merge_method: slerp
+base_model: psmathur/orca_mini_v3_13b
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float32
+"""
+
+
+def test_mergekit_gradient_slerp_example_runs_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setitem(DIMS, "num_hidden_layers", 40)
+    cache, states = _hub_cache(tmp_path)
+    (tmp_path / "slerp.yml").write_text(GRADIENT_SLERP_YML)
+    done = _run(tmp_path / "slerp.yml", tmp_path / "out", cache)
+    assert done.returncode == 0, done.stderr
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base, other = states[REPOS[0]], states[REPOS[2]]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 40
+    # t = 0 is the base, t = 1 the other model: block 0's attention and block 39's MLP are
+    # the base's, block 0's MLP and block 39's attention the other's
+    for name, value in merged.items():
+        if ".layers.0.self_attn." in name or ".layers.39.mlp." in name:
+            assert torch.allclose(value, base[name], rtol=1e-6, atol=1e-7), name
+        elif ".layers.0.mlp." in name or ".layers.39.self_attn." in name:
+            assert torch.allclose(value, other[name], rtol=1e-6, atol=1e-7), name
+        elif ".layers.20." in name and ("mlp" in name or "self_attn" in name):
+            # t in between: neither end
+            assert not torch.allclose(value, base[name]) and not torch.allclose(value, other[name])
