@@ -62,6 +62,7 @@ import torch
 
 from ..errors import PacerError
 from . import schedule
+from .gram import BlockSum
 from .sparsify import (MagnitudeSelect, OutlierBand, dare_keep, della_probabilities,
                        magnitude_bits, uniform_draws)
 from .vocabulary import merge_rows
@@ -210,9 +211,14 @@ class TensorMerge:
                            for d, g in zip(params.densities, params.gammas)]
         self._bits: list[torch.Tensor] | None = None
         self.vote_by_count = False  # set by split(): base-free sign election (docstring)
-        self.l1 = None
+        # L1 norms before and after the drop, per row in fp64 and summed in fixed blocks of
+        # rows (gram.BlockSum), so the ratio is the same number however the tensor is sliced
+        self.l1: dict[int, BlockSum] | None = None
         if m.sparsify is not None and params.rescale == "l1":
-            self.l1 = torch.zeros(2, len(params.weights), dtype=torch.float64)  # before, after
+            rows = shape[0] if shape else 1
+            self.l1 = {k: BlockSum(rows, max(1, numel // max(1, rows)))
+                       for k, d in enumerate(params.densities) if d < 1}
+        self._l1_ratio: dict[int, float] = {}
         # DELLA ranks a vector (a tensor of < 2 axes) as one row: its magnitudes are
         # observed whole first (a vector is small), as a row slice cannot rank them.
         self.magnitudes = torch.zeros(len(params.weights), numel) \
@@ -269,8 +275,10 @@ class TensorMerge:
                 if self.p.densities[k] >= 1:
                     continue  # never sparsified, never rescaled
                 keep = self._keep(rows, k, d[k])
-                self.l1[0, k] += d[k].abs().sum(dtype=torch.float64).item()
-                self.l1[1, k] += (d[k] * keep).abs().sum(dtype=torch.float64).item()
+                r = rows[1] - rows[0]
+                before = d[k].abs().double().reshape(r, -1).sum(1)
+                after = (d[k] * keep).abs().double().reshape(r, -1).sum(1)
+                self.l1[k].add(rows[0], torch.stack([before, after], 1))
 
     def merge(self, rows: tuple[int, int], anchor: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Merged rows (fp32) from the split of one slice; ``d`` is consumed."""
@@ -367,8 +375,11 @@ class TensorMerge:
         if self.p.rescale == "inverse_density":
             return 1.0 / self.p.densities[k]
         if self.p.rescale == "l1":
-            before, after = float(self.l1[0, k]), float(self.l1[1, k])
-            return before / after if before >= L1_EPS and after >= L1_EPS else 1.0
+            if k not in self._l1_ratio:
+                before, after = (float(v) for v in self.l1[k].total())
+                self._l1_ratio[k] = before / after if before >= L1_EPS and after >= L1_EPS \
+                    else 1.0
+            return self._l1_ratio[k]
         return 1.0
 
 
