@@ -405,7 +405,9 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
         stages.append(StagePlan("consensus", 1, consensus_read, 0, seconds))
     stages += [sample[n] for n in ("regmean",) if n in sample]
     passes = {"split_merge": list(SPLIT_PASSES)}.get(config.method, ["merge"])
-    density = float(config.parameters.get("density", 1.0))
+    # Split-Merge's density (one number: it refuses per-tensor values) sizes η
+    density = float(config.parameters.get("density", 1.0)) if config.method == "split_merge" \
+        else 1.0
     for name in passes:
         # Split-Merge writes μ in its second pass and η (≤ 12 bytes per selected entry) last
         out = {"variance-low": write, "eta": int(min(3 * density, 1) * write * 2)}.get(

@@ -326,6 +326,17 @@ def test_tokenizer_source_must_be_an_input(fixtures_dir, tmp_path):
     fails_with(CliRunner().invoke(main, ["plan", str(plan)]), "no base_model")
 
 
+def test_a_plan_level_gradient_plans_and_runs(fixtures_dir, tmp_path):
+    family = fixtures_dir / "llama"
+    plan = tmp_path / "p.yaml"
+    plan.write_text(f"models: [{family / 'ft1'}, {family / 'ft2'}]\nmethod: ties\n"
+                    f"base_model: {family / 'anchor'}\nparameters: {{density: [0.2, 0.9]}}\n"
+                    f"output: {{path: {tmp_path / 'o'}}}\n")
+    for command in (["plan", str(plan)], ["run", str(plan), "--quiet"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0, (result.output, result.exception)
+
+
 def test_per_tensor_values_are_refused_where_the_method_reads_one(fixtures_dir, tmp_path):
     family = fixtures_dir / "llama"
     plan = tmp_path / "p.yaml"
