@@ -118,18 +118,33 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": round(seconds, 3), "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def find_mergekit(work: Path, given: str | None) -> str:
+def find_mergekit(work: Path, given: str | None, version: str | None = None) -> str:
+    """mergekit-yaml: ``given``, else one on PATH (of ``version``, when one is asked for), else
+    <work>/mergekit-venv/bin/mergekit-yaml, created on first use. The venv sees this
+    interpreter's packages and pins torch to its version, so pip keeps the local (CPU) build
+    instead of downloading another; ``version`` pins mergekit too."""
     if given:
         return given
     found = shutil.which("mergekit-yaml")
-    if found:
+    if found and (version is None or mergekit_version(found) == version):
         return found
     venv = work / "mergekit-venv"
     exe = venv / "bin" / "mergekit-yaml"
     if not exe.exists():
+        from importlib.metadata import version as installed
+
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
+        torch_pin = "torch==" + installed("torch").split("+")[0]  # 2.13.0+cpu satisfies ==2.13.0
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                        f"mergekit=={version}" if version else "mergekit", torch_pin], check=True)
     return str(exe)
+
+
+def mergekit_version(exe: str) -> str:
+    """The mergekit version installed beside the ``mergekit-yaml`` at ``exe``."""
+    return subprocess.run([str(Path(exe).with_name("python")), "-c",
+                           "import importlib.metadata as m; print(m.version('mergekit'))"],
+                          capture_output=True, text=True).stdout.strip()
 
 
 def machine() -> dict:
@@ -158,9 +173,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-c", MAKE_FAMILY, str(family), str(ROOT / "scripts"),
                         json.dumps(CONFIG)], check=True)
     mergekit = find_mergekit(work, args.mergekit)
-    mk_version = subprocess.run([str(Path(mergekit).with_name("python")), "-c",
-                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                capture_output=True, text=True).stdout.strip()
+    mk_version = mergekit_version(mergekit)
     for name in ("base", "ft1", "ft2"):  # warm the page cache for everyone
         subprocess.run(["cat", str(family / name / "model.safetensors")], stdout=subprocess.DEVNULL)
 

@@ -16,6 +16,7 @@ into the plan mapping that config.py validates, with these correspondences::
     parameters (scalars, filters, gradients)
                                     parameters (methods/schedule.py: the same semantics);
                                     a slice's parameters go before the top-level ones
+    rescale: true / false / absent  rescale: l1 / none / l1 for dare_* (mergekit's default)
     out_dtype, else dtype           output.dtype (pacer-stream always computes in fp32)
     tokenizer_source: base | model  output.tokenizer_source
     the OUT argument                output.path
@@ -46,6 +47,9 @@ REFUSED = {
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della",
                        "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock")
 BASE_IGNORED = ("linear",)  # mergekit's linear averages the listed models, base or not
+# mergekit's DARE rescales by the L1-norm ratio by default (rescale: true), pacer-stream's
+# by 1/density (the paper's rule): a mergekit file gets mergekit's default
+L1_DEFAULT = ("dare_linear", "dare_ties")
 # mergekit parameters with no effect on the result (memory layout only)
 NO_EFFECT = ("int8_mask",)
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -98,6 +102,10 @@ def to_plan(raw: dict, label: str, out: Path | None, name: str) -> tuple[dict, l
         elif method in BASE_IGNORED:
             notes.append(f"base_model is ignored by {method} (as by mergekit's)")
             base = None
+    if method in L1_DEFAULT and "rescale" not in parameters:
+        parameters["rescale"] = "l1"
+        notes.append(f"{method}: mergekit rescales by the L1-norm ratio unless told not to; "
+                     "so does this run (rescale: l1)")
     if "models" in raw:
         plan["models"] = models
     if base is not None:

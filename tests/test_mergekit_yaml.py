@@ -140,6 +140,16 @@ def test_a_slices_parameters_go_before_the_top_levels():
     assert schedule.value_at(merged["t"], "model.norm.weight", 0) == 0.5
 
 
+def test_dare_from_mergekit_rescales_as_mergekit_does(tmp_path):
+    models = [{"model": "a/x"}, {"model": "a/y"}]
+    plan, notes = to_plan({"models": models, "merge_method": "dare_ties", "base_model": "b/b"},
+                          "m.yml", tmp_path, "m")
+    assert plan["parameters"]["rescale"] == "l1" and any("L1-norm" in n for n in notes)
+    plan, _ = to_plan({"models": models, "merge_method": "dare_ties", "base_model": "b/b",
+                       "parameters": {"rescale": False}}, "m.yml", tmp_path, "m")
+    assert plan["parameters"]["rescale"] == "none"
+
+
 def test_a_listed_base_is_no_task_vector_and_linear_ignores_the_base(tmp_path):
     models = [{"model": "b/base"}, {"model": "a/x"}, {"model": "a/y"}]
     ties, notes = to_plan({"models": models, "merge_method": "ties", "base_model": "b/base"},
