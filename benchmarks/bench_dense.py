@@ -2,19 +2,20 @@
 """Dense merge benchmark: pacer-stream vs mergekit vs the physical floor, as whole processes.
 
 Builds (once) a Llama-shaped family of three ~0.3B-parameter bf16 checkpoints (a base and
-two fine-tune-like variants), then for `linear` (the two variants, weights 0.5/0.5) and
-`ties` (base + the two variants, weights 0.5/0.5, density 0.5) times, as separate processes:
+two fine-tune-like variants), then, for every case of CASES (linear; ties and dare_ties on
+the base, density 0.5; PACER's dense path; the three methods again at --max-memory 400MB,
+against 1.8 GB of inputs), times as separate processes:
 
 * the physical floor: plain file I/O reading every input the method needs and writing one
   output of the merged size (fsynced, as pacer-stream does);
-* pacer-stream run;
-* mergekit-yaml (fp32 compute, bf16 output, like pacer-stream).
+* pacer-stream run, next to what `pacer-stream plan --json` estimated for it;
+* mergekit-yaml (fp32 compute, bf16 output, like pacer-stream), where it has the method.
 
 Peak RSS comes from the kernel (wait4's ru_maxrss of each child). The page cache is warmed
 first so all three see the same storage state. Outputs of the two tools are compared in
-ulps of bf16. Results go to benchmarks/results/dense-<host>.{json,md}.
+ulps of bf16 (not for random drops). Results go to benchmarks/results/dense-<host>.{json,md}.
 
-    python benchmarks/bench_dense.py [--work /tmp/pacer-bench] [--mergekit PATH/TO/mergekit-yaml]
+    python benchmarks/bench_dense.py [--work /tmp/pacer-bench] [--mergekit PATH] [--cases a,b]
 
 mergekit is found on PATH, or at --mergekit, or installed into <work>/mergekit-venv.
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,11 +163,79 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: a pacer-stream plan (and mergekit's equivalent, if it has one)."""
+
+    name: str
+    method: str
+    base: bool  # the plan merges the two variants onto the base
+    extra: str = ""  # plan text after models/base/method
+    budget: str | None = None  # --max-memory
+    mergekit: bool = True  # mergekit runs the same merge (same row)
+    random: bool = False  # random drops: outputs are compared by nobody
+    why: str = ""  # what explains a difference from mergekit, measured
+
+
+CASES = (
+    Case("linear", "linear", False),
+    Case("ties", "ties", True, "parameters: {density: 0.5}\n", why=(
+        "every differing element sits at a model's k-th largest |task vector|, a value ~1.9 % "
+        "of the bf16 task-vector entries share (checked on model.layers.3.mlp.down_proj): "
+        "mergekit keeps an arbitrary k of the tied entries (unstable argsort), pacer-stream "
+        "the lowest indices; without ties (fp32, benchmarks/results/parity-vm.md) the two "
+        "agree bit for bit")),
+    Case("dare_ties", "dare_ties", True, "parameters: {density: 0.5}\n", random=True),
+    # PACER's dense path: alignment (certified identity for fine-tunes of one base) + mean
+    Case("pacer (dense)", "pacer", False, "pacer: {enable_moe_upcycle: false}\n", mergekit=False),
+    # 400 MB against 1.8 GB of inputs: the share a 70B merge gets in 16 GB
+    Case("linear @ 400MB", "linear", False, budget="400MB", mergekit=False),
+    Case("ties @ 400MB", "ties", True, "parameters: {density: 0.5}\n", "400MB", mergekit=False),
+    Case("dare_ties @ 400MB", "dare_ties", True, "parameters: {density: 0.5}\n", "400MB",
+         mergekit=False, random=True),
+)
+
+
+CASE_WHY = {case.name: case.why for case in CASES}
+
+
+def slug(case: Case) -> str:
+    return "".join(c if c.isalnum() else "-" for c in case.name).strip("-")
+
+
+def write_plans(case: Case, family: Path, work: Path) -> tuple[Path, Path]:
+    """The case's pacer-stream plan and mergekit configuration (weights 0.5 / 0.5)."""
+    name = slug(case)
+    plan = work / f"{name}.pacer.yaml"
+    plan.write_text(
+        "models:\n" + "".join(f"  - {{model: {family / n}, weight: 0.5}}\n" for n in ("ft1", "ft2"))
+        + (f"base_model: {family / 'base'}\n" if case.base else "")
+        + f"method: {case.method}\n{case.extra}output: {{path: {work / (name + '-pacer')}}}\n")
+    mk = work / f"{name}.mergekit.yaml"
+    mk.write_text(
+        f"merge_method: {case.method}\n" + (f"base_model: {family / 'base'}\n" if case.base else "")
+        + "models:\n" + "".join(
+            f"  - model: {family / n}\n    parameters: {{weight: 0.5"
+            + (", density: 0.5" if "density" in case.extra else "") + "}\n" for n in ("ft1", "ft2"))
+        + "dtype: float32\nout_dtype: bfloat16\n")
+    return plan, mk
+
+
+def planned(plan: Path, budget: str | None) -> dict:
+    """What `pacer-stream plan --json` estimates: CPU seconds and peak RAM."""
+    done = subprocess.run([sys.executable, "-m", "pacer_stream", "plan", str(plan), "--json",
+                           *(["--max-memory", budget] if budget else [])],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    return {"seconds": report["est_seconds"]["cpu"], "peak_ram_bytes": report["peak_ram_bytes"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pacer-bench"))
     parser.add_argument("--mergekit", help="path to mergekit-yaml")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cases", help="comma list of case names (default: all)")
     args = parser.parse_args()
     work = args.work
     family = work / "family"
@@ -184,52 +254,60 @@ def main() -> int:
     results = {"machine": machine(), "mergekit_version": mk_version, "config": CONFIG,
                "param_count": (family / "ft1" / "model.safetensors").stat().st_size // 2,
                "startup_seconds": startup, "methods": {}}
-    for method in ("linear", "ties"):
-        uses_base = method == "ties"
-        inputs = [family / n / "model.safetensors" for n in (["base"] if uses_base else []) + ["ft1", "ft2"]]
+    wanted = set(args.cases.split(",")) if args.cases else None
+    for case in CASES:
+        if wanted is not None and case.name not in wanted:
+            continue
+        name = slug(case)
+        inputs = [family / n / "model.safetensors"
+                  for n in (["base"] if case.base else []) + ["ft1", "ft2"]]
         out_size = (family / "ft1" / "model.safetensors").stat().st_size
-        row: dict = {"input_bytes": sum(p.stat().st_size for p in inputs), "output_bytes": out_size}
-
-        pacer_plan = work / f"{method}.pacer.yaml"
-        params = "parameters: {density: 0.5}\n" if uses_base else ""
-        pacer_plan.write_text(
-            "models:\n" + "".join(f"  - {{model: {family / n}, weight: 0.5}}\n" for n in ("ft1", "ft2"))
-            + (f"base_model: {family / 'base'}\n" if uses_base else "")
-            + f"method: {method}\n{params}output: {{path: {work / (method + '-pacer')}}}\n")
-        mk_config = work / f"{method}.mergekit.yaml"
-        mk_config.write_text(
-            f"merge_method: {method}\n" + (f"base_model: {family / 'base'}\n" if uses_base else "")
-            + "models:\n" + "".join(
-                f"  - model: {family / n}\n    parameters: {{weight: 0.5"
-                + (", density: 0.5" if uses_base else "") + "}\n" for n in ("ft1", "ft2"))
-            + "dtype: float32\nout_dtype: bfloat16\n")
-
-        runs: dict[str, list] = {"floor": [], "pacer-stream": [], "mergekit": []}
+        row: dict = {"input_bytes": sum(p.stat().st_size for p in inputs), "output_bytes": out_size,
+                     "budget": case.budget}
+        pacer_plan, mk_config = write_plans(case, family, work)
+        row["plan"] = planned(pacer_plan, case.budget)
+        pacer_cmd = [sys.executable, "-m", "pacer_stream", "run", str(pacer_plan), "--quiet",
+                     *(["--max-memory", case.budget] if case.budget else [])]
+        tools = ["floor", "pacer-stream"] + (["mergekit"] if case.mergekit else [])
+        runs: dict[str, list] = {tool: [] for tool in tools}
         for _ in range(args.repeats):
             runs["floor"].append(timed([sys.executable, "-c", FLOOR, str(out_size),
                                         str(work / "floor.out"), *map(str, inputs)]))
-            shutil.rmtree(work / (method + "-pacer"), ignore_errors=True)
-            runs["pacer-stream"].append(timed([sys.executable, "-m", "pacer_stream", "run",
-                                               str(pacer_plan), "--quiet"]))
-            shutil.rmtree(work / (method + "-mergekit"), ignore_errors=True)
-            runs["mergekit"].append(timed([mergekit, str(mk_config), str(work / (method + "-mergekit")),
-                                           "--quiet", "--lazy-unpickle", "--no-copy-tokenizer",
-                                           "--no-write-model-card"]))
+            shutil.rmtree(work / (name + "-pacer"), ignore_errors=True)
+            runs["pacer-stream"].append(timed(pacer_cmd))
+            if case.mergekit:
+                shutil.rmtree(work / (name + "-mergekit"), ignore_errors=True)
+                runs["mergekit"].append(timed([mergekit, str(mk_config),
+                                               str(work / (name + "-mergekit")), "--quiet",
+                                               "--lazy-unpickle", "--no-copy-tokenizer",
+                                               "--no-write-model-card"]))
         best = {tool: {"seconds": min(r["seconds"] for r in rs),
                        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs), "runs": rs}
                 for tool, rs in runs.items()}
         row.update(best)
-        row["speedup_vs_mergekit"] = round(best["mergekit"]["seconds"] / best["pacer-stream"]["seconds"], 2)
-        row["rss_ratio_vs_mergekit"] = round(best["pacer-stream"]["peak_rss_bytes"]
-                                             / best["mergekit"]["peak_rss_bytes"], 3)
-        row["time_ratio_vs_floor"] = round(best["pacer-stream"]["seconds"] / best["floor"]["seconds"], 2)
+        pacer = best["pacer-stream"]
+        row["time_ratio_vs_floor"] = round(pacer["seconds"] / best["floor"]["seconds"], 2)
         row["time_ratio_vs_floor_after_startup"] = round(
-            (best["pacer-stream"]["seconds"] - startup) / best["floor"]["seconds"], 2)
-        compare = subprocess.run([sys.executable, "-c", COMPARE, str(work / (method + "-pacer")),
-                                  str(work / (method + "-mergekit"))], capture_output=True, text=True)
-        row["agreement"] = json.loads(compare.stdout) if compare.returncode == 0 else compare.stderr[-500:]
-        results["methods"][method] = row
-        print(method, json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+            (pacer["seconds"] - startup) / best["floor"]["seconds"], 2)
+        row["measured_vs_planned_seconds"] = round(pacer["seconds"] / row["plan"]["seconds"], 2)
+        row["measured_vs_planned_ram"] = round(pacer["peak_rss_bytes"]
+                                               / row["plan"]["peak_ram_bytes"], 2)
+        if case.mergekit:
+            row["speedup_vs_mergekit"] = round(best["mergekit"]["seconds"] / pacer["seconds"], 2)
+            row["rss_ratio_vs_mergekit"] = round(pacer["peak_rss_bytes"]
+                                                 / best["mergekit"]["peak_rss_bytes"], 3)
+            if case.random:
+                row["agreement"] = "random drops: masks differ by design (bench_parity compares " \
+                                   "their statistics)"
+            else:
+                compare = subprocess.run([sys.executable, "-c", COMPARE, str(work / (name + "-pacer")),
+                                          str(work / (name + "-mergekit"))],
+                                         capture_output=True, text=True)
+                row["agreement"] = json.loads(compare.stdout) if compare.returncode == 0 \
+                    else compare.stderr[-500:]
+        results["methods"][case.name] = row
+        print(case.name, json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}),
+              flush=True)
 
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,28 +324,44 @@ def render(results: dict) -> str:
         "# Dense merge benchmark (benchmarks/bench_dense.py)", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1e9:.0f} GB RAM, "
         f"Python {m['python']}; mergekit {results['mergekit_version']}. Warm page cache; "
-        "3 × 0.3B-parameter Llama-shaped bf16 checkpoints (base + 2 variants).", "",
-        "| method | tool | seconds | peak RSS | vs floor | vs mergekit (time) | vs mergekit (RSS) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "3 × 0.3B-parameter Llama-shaped bf16 checkpoints (base + 2 variants). Best of the "
+        "repeats for time, worst for peak RSS. `plan`: pacer-stream's own estimate before the "
+        "run (measured / planned).", "",
+        "| case | tool | seconds | peak RSS | vs floor | vs mergekit (time) | vs mergekit (RSS) "
+        "| measured / plan: time | measured / plan: RAM |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method, row in results["methods"].items():
+    for case, row in results["methods"].items():
         for tool in ("floor", "pacer-stream", "mergekit"):
+            if tool not in row:
+                continue
             r = row[tool]
             vs_floor = r["seconds"] / row["floor"]["seconds"]
-            t_ratio = row["mergekit"]["seconds"] / r["seconds"]
-            m_ratio = r["peak_rss_bytes"] / row["mergekit"]["peak_rss_bytes"]
-            lines.append(f"| {method} | {tool} | {r['seconds']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} MB "
-                         f"| {vs_floor:.2f}× | {t_ratio:.2f}× faster | {m_ratio:.2f}× |")
-        agreement = row["agreement"]
+            mk = row.get("mergekit")
+            t_ratio = f"{mk['seconds'] / r['seconds']:.2f}× faster" if mk else ""
+            m_ratio = f"{r['peak_rss_bytes'] / mk['peak_rss_bytes']:.2f}×" if mk else ""
+            plan = (f"{row['measured_vs_planned_seconds']:.2f} ({row['plan']['seconds']:.1f} s) | "
+                    f"{row['measured_vs_planned_ram']:.2f} "
+                    f"({row['plan']['peak_ram_bytes'] / 1e6:.0f} MB)") \
+                if tool == "pacer-stream" else " | "
+            budget = f" (budget {row['budget']})" if row.get("budget") and tool == "pacer-stream" \
+                else ""
+            lines.append(f"| {case} | {tool}{budget} | {r['seconds']:.2f} | "
+                         f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {vs_floor:.2f}× | {t_ratio} | "
+                         f"{m_ratio} | {plan} |")
+        agreement = row.get("agreement")
         if isinstance(agreement, dict):
-            lines.append(f"| {method} | agreement | max {agreement['max_ulps']} ulp (bf16, max abs "
+            lines.append(f"| {case} | agreement | max {agreement['max_ulps']} ulp (bf16, max abs "
                          f"{agreement['max_abs']:.2g}); {agreement['differing_fraction'] * 100:.3f}% of "
                          f"elements differ, {agreement['over_1_ulp_fraction'] * 100:.3f}% by more than "
-                         "1 ulp | | | | |")
+                         "1 ulp" + (f": {CASE_WHY[case]}" if CASE_WHY.get(case) else "")
+                         + " | | | | | | |")
+        elif agreement:
+            lines.append(f"| {case} | agreement | {agreement} | | | | | | |")
     lines += ["", f"Start-up (Python + `import torch, pacer_stream.cli`) is {results['startup_seconds']:.2f} s "
               "of every pacer-stream run; without it, pacer-stream takes "
-              + ", ".join(f"{method} {row['time_ratio_vs_floor_after_startup']:.2f}×"
-                          for method, row in results["methods"].items()) + " the floor's time."]
+              + ", ".join(f"{case} {row['time_ratio_vs_floor_after_startup']:.2f}×"
+                          for case, row in results["methods"].items()) + " the floor's time."]
     return "\n".join(lines) + "\n"
 
 

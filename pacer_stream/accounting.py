@@ -284,6 +284,27 @@ class Throughput:
     merge_elems: float  # element-model pairs merged per second (elementwise work)
 
 
+# Seconds every run pays before reading a byte: Python, torch and pacer-stream imported
+# (benchmarks/bench_dense.py: 1.5-1.9 s on the 2-core dev machines). CUDA's own start-up
+# is not in it (no GPU measured yet).
+STARTUP_SECONDS = 1.9
+# The merge's elementwise time per element-model pair, relative to CPU/GPU merge_elems:
+# measured by benchmarks/bench_dense.py (results/dense-vm.md, 3 x 0.3B bf16 Llama, AMD
+# EPYC 2 cores): linear 2.0, ties 3.8, dare_ties 3.5 (its fp32 copies, masks and sums;
+# TIES's two observation passes). The methods not measured take the figure of the
+# measured one whose passes they share: one pass (linear), random draws (DARE), or
+# observation passes before the merge (TIES).
+MERGE_COST = {"linear": 2.0, "task_arithmetic": 2.0, "passthrough": 2.0,
+              "dare_linear": 3.5, "dare_ties": 3.5, "della": 3.5, "della_linear": 3.5,
+              "ties": 3.8, "breadcrumbs": 3.8, "breadcrumbs_ties": 3.8, "slerp": 3.8,
+              "nuslerp": 3.8, "multislerp": 3.8, "karcher": 3.8, "model_stock": 3.8}
+
+
+def merge_cost(method: str) -> float:
+    """The elementwise cost factor of a method (MERGE_COST; 2.0 for anything else)."""
+    return MERGE_COST.get(method, 2.0)
+
+
 # 2-core CPU of the dev machine: (8192 x 4096)(4096 x 8192) in 4.2 s => 1.3e11 FLOP/s;
 # lapjv 0.7-2.6 s at n=8192 and 19-56 s at n=28672 => ~2.5e-10 * n^2.5.
 CPU = Throughput(gemm_flops=1.3e11, lap_coeff=2.5e-10, disk_read=1.5e9, disk_write=1.0e9,

@@ -97,7 +97,9 @@ class Plan:
 
     @property
     def est_seconds(self) -> dict[str, float]:
-        return {dev: round(sum(s.seconds[dev] for s in self.stages), 3) for dev in ("cpu", "gpu")}
+        """The stages' seconds and the start-up every run pays (accounting.STARTUP_SECONDS)."""
+        return {dev: round(acct.STARTUP_SECONDS + sum(s.seconds[dev] for s in self.stages), 3)
+                for dev in ("cpu", "gpu")}
 
     def to_json(self) -> dict:
         return {
@@ -408,11 +410,13 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
     # Split-Merge's density (one number: it refuses per-tensor values) sizes η
     density = float(config.parameters.get("density", 1.0)) if config.method == "split_merge" \
         else 1.0
+    cost = acct.merge_cost("linear" if config.method == "pacer" else config.method)
     for name in passes:
         # Split-Merge writes μ in its second pass and η (≤ 12 bytes per selected entry) last
         out = {"variance-low": write, "eta": int(min(3 * density, 1) * write * 2)}.get(
             name, 0 if name in SPLIT_PASSES else write)
-        seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write + elems / rate.merge_elems
+        seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write
+                   + elems * cost / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
         stages.append(StagePlan(name, 1, merge_read, out, seconds))
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] \
@@ -455,7 +459,9 @@ def render(plan: Plan) -> str:
                      f"{format_size(s.write_bytes):>12}{_duration(s.seconds['cpu']):>12}"
                      f"{_duration(s.seconds['gpu']):>12}")
     est = plan.est_seconds
+    startup = _duration(acct.STARTUP_SECONDS)
     lines += [
+        f"  {'start-up':<14}{'':>7}{'':>12}{'':>12}{startup:>12}{startup:>12}",
         f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
         f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
         *(_align_line(s) for s in plan.stages if s.max_passes is not None),
