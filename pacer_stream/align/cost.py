@@ -98,8 +98,8 @@ def _row_blocks(graph: MergeGraph, name: str, axis: int, a: torch.Tensor, p: tor
 def _permuted(node, p: torch.Tensor, local: dict[str, torch.Tensor]) -> torch.Tensor:
     for ax, factors in enumerate(node.axes):  # permute at the stored width
         index = source_index(factors, local)
-        if index is not None:
-            p = p.index_select(ax, index.to(p.device))
+        if index is not None and not torch.equal(index, torch.arange(len(index))):
+            p = p.index_select(ax, index.to(p.device))  # (the identity needs no copy)
     return p
 
 

@@ -132,15 +132,18 @@ class AlignStage:
             anchor = UnitTensors(self.read, self.anchor, unit.tensors)
             for p in active:
                 peer = UnitTensors(self.read, p, unit.tensors)
-                if progress.sweep == 0:
-                    info[p]["objective_before"] += inner_product(
-                        self.graph, anchor, peer, self.graph.identity_perms())
+                before = None
+                if progress.sweep == 0:  # unpermuted: no permutation given, no copies made
+                    before = inner_product(self.graph, anchor, peer, {})
+                    info[p]["objective_before"] += before
                 stats = PeerStats(_kinds(info[p]))
                 gen = generator(self.seed, "align", self.labels[p], unit.name, progress.sweep)
                 align_unit(self.graph, unit.name, anchor, peer, perms[p], gen, stats)
                 info[p]["rounds"] += stats.rounds
                 _store_kinds(info[p], stats)
-                info[p]["objective"] += inner_product(self.graph, anchor, peer, perms[p])
+                # nothing moved yet (fine-tunes of one base): the same sum as before's
+                info[p]["objective"] += before if before is not None and _identity(perms[p]) \
+                    else inner_product(self.graph, anchor, peer, perms[p])
                 acc[p] += residual_cost(self.graph, anchor, peer, perms[p]).double().cpu()
                 del peer
             del anchor
@@ -270,3 +273,9 @@ def _store_kinds(record: dict, stats: PeerStats) -> None:
     record["kinds"] = {k: {"problems": s.problems, "certified": s.certified, "slots": s.slots,
                            "moved": s.moved, "seconds": s.seconds}
                        for k, s in stats.kinds.items()}
+
+
+def _identity(perms: dict[str, torch.Tensor]) -> bool:
+    """Whether every group's permutation is the identity."""
+    return all(torch.equal(p, torch.arange(p.shape[-1], device=p.device).expand_as(p))
+               for p in perms.values())
