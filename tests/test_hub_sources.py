@@ -336,10 +336,25 @@ def test_cached_reads_survive_short_preads(hub, cache, models, monkeypatch):
     index = CheckpointIndex.open(parse_ref("org/tiny"))
     name = "model.embed_tokens.weight"  # 64 KiB, so 66 pieces below
     expected = CheckpointIndex.open(parse_ref(str(models["tiny"]))).read(name)
-    real_pread = os.pread
-    monkeypatch.setattr(sources.os, "pread",
-                        lambda fd, n, offset: real_pread(fd, min(n, 1000), offset))
+    real_preadv = os.preadv  # tensor data is read straight into its buffer
+    calls = []
+    monkeypatch.setattr(sources.os, "preadv", lambda fd, buffers, offset: calls.append(1) or
+                        real_preadv(fd, [buffers[0][:1000]], offset))
     assert torch.equal(index.read(name), expected)
+    assert len(calls) == 66
+
+
+def test_a_file_shortened_after_indexing_is_a_short_read(models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(models["tiny"], folder)
+    index = CheckpointIndex.open(parse_ref(str(folder)))
+    info = max(index.tensors.values(), key=lambda i: i.end)
+    shard = folder / info.file
+    shard.write_bytes(shard.read_bytes()[:info.end - 10])
+    with pytest.raises(PacerError, match="short read .* truncated"):
+        index.read(info.name)
 
 
 def write_plan(folder: Path, models_: list[str]) -> Path:

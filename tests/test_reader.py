@@ -31,9 +31,9 @@ def test_reads_are_positioned_not_whole_file(fixtures_dir, monkeypatch):
     from pacer_stream.io import sources
 
     sizes = []
-    original = sources.LocalFile.read
-    monkeypatch.setattr(sources.LocalFile, "read",
-                        lambda self, off, n: sizes.append(n) or original(self, off, n))
+    original = sources.LocalFile.read_into  # tensor data is read straight into its buffer
+    monkeypatch.setattr(sources.LocalFile, "read_into",
+                        lambda self, off, buf: sizes.append(len(buf)) or original(self, off, buf))
     index = CheckpointIndex.open(LocalFolder(fixtures_dir / "qwen2" / "ft1"))
     sizes.clear()
     info = index.tensors["model.layers.0.mlp.up_proj.weight"]

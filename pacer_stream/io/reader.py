@@ -90,7 +90,12 @@ class CheckpointIndex:
         length = itemsize
         for dim in shape:
             length *= dim
-        data = bytearray(self.source(info.file).read(begin, length))
+        source = self.source(info.file)
+        if hasattr(source, "read_into"):  # a local file: read into the tensor's own memory
+            data = bytearray(length)
+            source.read_into(begin, data)
+        else:
+            data = bytearray(source.read(begin, length))
         if not data:
             return torch.empty(shape, dtype=torch_dtype)
         return torch.frombuffer(data, dtype=torch_dtype).reshape(shape)
