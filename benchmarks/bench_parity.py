@@ -200,6 +200,23 @@ CASES: tuple[Case, ...] = (
          "merge_method: passthrough\nslices:\n"
          "  - sources: [{model: $ft1, layer_range: [0, 2]}]\n"
          "  - sources: [{model: $ft2, layer_range: [2, 4]}]\n" + FP32),
+    Case("passthrough", "a frankenmerge: ft1 layers 0-3, then ft2 layers 1-4 (6 layers)",
+         "merge_method: passthrough\nslices:\n"
+         "  - sources: [{model: $ft1, layer_range: [0, 3]}]\n"
+         "  - sources: [{model: $ft2, layer_range: [1, 4]}]\n" + FP32),
+    Case("slerp", "two slices, ft1 -> far, t gradient within each slice; the second slice "
+         "takes layers 1-3 of both",
+         "merge_method: slerp\nbase_model: $ft1\nslices:\n"
+         "  - sources: [{model: $ft1, layer_range: [0, 2]}, {model: $far, layer_range: [0, 2]}]\n"
+         "    parameters: {t: [0, 1]}\n"
+         "  - sources: [{model: $ft1, layer_range: [1, 3]}, {model: $far, layer_range: [1, 3]}]\n"
+         "parameters:\n  t: [{filter: mlp, value: [1, 0]}, {value: 0.3}]\n" + FP32),
+    Case("linear", "two slices of three models, per-source weights",
+         "merge_method: linear\nslices:\n"
+         "  - sources: [{model: $ft1, layer_range: [0, 2], parameters: {weight: 0.2}},\n"
+         "              {model: $ft2, layer_range: [2, 4], parameters: {weight: 0.8}}]\n"
+         "  - sources: [{model: $ft3, layer_range: [1, 4], parameters: {weight: 0.5}},\n"
+         "              {model: $ft1, layer_range: [1, 4], parameters: {weight: 0.5}}]\n" + FP32),
 )
 
 
