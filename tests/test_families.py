@@ -187,11 +187,14 @@ def test_moe_experts_merge_expert_by_expert(fixtures_dir, tmp_path):
         assert torch.allclose(merged[name], linear([m[name] for m in inputs]), atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "bert"])
 def test_pacer_with_samples_is_refused_up_front(family, fixtures_dir, tmp_path):
-    """Self-generated samples (router: data_free) need the block runtime's forward pass."""
+    """Sample lines (RegMean, calibration) need the block runtime's forward pass."""
     folders = [fixtures_dir / family / m for m in MODELS[:2]]
-    extra = "align: false\npacer: {router: data_free}\n"
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a sample line\n")
+    extra = ("align: false\npacer: {router_samples: {" + ", ".join(
+        f"{f}: {lines}" for f in folders) + "}}\n")
     fails_with(run(str(write_plan(tmp_path, folders, "pacer", extra))), family,
-               "forward pass", "router: data_free")
+               "forward pass", "router_samples")
     assert not (tmp_path / "out").exists()

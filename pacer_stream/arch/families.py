@@ -247,6 +247,7 @@ BERT = ArchSpec(
         R("embeddings.token_type_ids", "token_type_ids", ("-", "-"), unit="embed", optional=True),
     ),
     prefix=r"(?:bert\.)?",
+    no_samples=NO_BLOCKS,  # an encoder has no block-wise forward pass (RegMean, calibration)
 )
 
 # HF ViT, in the spelling transformers < 5 writes (and still writes on save) ...

@@ -65,7 +65,7 @@ class ArchSpec:
     has_rope: bool = False
     # What the engine cannot do for this family, as a phrase saying why ("": it can):
     no_align: str = ""  # some symmetry has no exact rule here (fused tensors): align refused
-    no_samples: str = ""  # runtime/blocks.py has no forward pass: PACER's sample stages refused
+    no_samples: str = ""  # runtime/blocks.py has no forward pass: router_samples refused
     no_pacer: str = ""  # method pacer refused altogether (MoE inputs: it upcycles dense MLPs)
     _compiled: list = field(default_factory=list, compare=False, repr=False)
 
@@ -73,8 +73,9 @@ class ArchSpec:
         """Refuse, before any work, a plan that needs what this family cannot do.
 
         Alignment (``align: true/only``, on by default for PACER) needs an exact rule for
-        every symmetry; PACER's sample stages (``router_samples``, ``router: data_free``:
-        calibration, RegMean, self-generated samples) need the block-wise forward pass.
+        every symmetry; sample lines (``router_samples``: RegMean, calibration) need the
+        block-wise forward pass. (``router: data_free`` on a family that cannot write its own
+        samples merges dense and says so in the report: no stage runs the blocks.)
         """
         if self.no_pacer and method == "pacer":
             raise PacerError(f"{self.family}: {self.no_pacer}; use a plain method (linear, "
@@ -82,11 +83,9 @@ class ArchSpec:
         if self.no_align and align:
             default = " (method pacer aligns by default)" if method == "pacer" else ""
             raise PacerError(f"{self.family}: {self.no_align}; set align: false{default}")
-        if self.no_samples and method == "pacer" and (
-                pacer.get("router_samples") or pacer.get("router") == "data_free"):
-            raise PacerError(f"{self.family}: {self.no_samples}, so method pacer with samples "
-                             "(router_samples, router: data_free) is refused; drop them, or use "
-                             "a plain method")
+        if self.no_samples and method == "pacer" and pacer.get("router_samples"):
+            raise PacerError(f"{self.family}: {self.no_samples}, so method pacer with "
+                             "router_samples is refused; drop them, or use a plain method")
 
     def group_kind(self, name: str) -> GroupKind | None:
         return next((g for g in self.groups if g.name == name), None)
