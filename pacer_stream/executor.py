@@ -1064,17 +1064,22 @@ class MergeJob:
         config = self._output_config()
         if isinstance(self.layout, VitMoeLayout):
             write_modeling(self.out_dir)
+        self.describe_output(config, self._pacer_report())
+        write_config(self.out_dir, config, self.out_dtype)
+        self.summary.write_bytes = sum(s.size for s in self.shards)
+        self._write_report(state)
+
+    def describe_output(self, out_config: dict, pacer: dict | None = None) -> None:
+        """What the output folder says of itself, before its config.json: the tokenizer
+        files, the plan as run (pacer_plan.yaml) and the model card."""
         tokenizer = self.tokenizer_input()
         side_files = copy_side_files(self.out_dir, tokenizer) if tokenizer else []
         as_run = plan_as_run(self.config, self.inputs, self.shard_size)
         write_plan(self.out_dir, as_run)
         write_card(self.out_dir, model_card(
-            as_run, self.models.models, self.models.spec.family, self._param_record(),
-            self._pacer_report(), out_config=config, command=self.options.command,
-            base=self.models.base, side_files=side_files))
-        write_config(self.out_dir, config, self.out_dtype)
-        self.summary.write_bytes = sum(s.size for s in self.shards)
-        self._write_report(state)
+            as_run, self.models.models, self.models.spec.family, self._param_record(), pacer,
+            out_config=out_config, command=self.options.command, base=self.models.base,
+            side_files=side_files))
 
     def tokenizer_input(self) -> CheckpointIndex | None:
         """The input whose tokenizer and generation files the output gets (output.

@@ -32,8 +32,7 @@ from . import failpoints
 from . import accounting as acct
 from .errors import PacerError
 from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
-from .export.card import model_card, plan_as_run, write_card, write_plan
-from .export.dense import copy_side_files, write_config
+from .export.dense import write_config
 from .io.header import DTYPES
 from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic
 from .methods.sparsify import HIST_BINS, MagnitudeSelect, keep_count, threshold_mask
@@ -209,14 +208,7 @@ class SplitMergeJob(MergeJob):
         verify_shards(self.out_dir, eta_shards)
         failpoints.hit("split-finish")
         writer.write_index()
-        tokenizer = self.tokenizer_input()
-        side_files = copy_side_files(self.out_dir, tokenizer) if tokenizer else []
-        as_run = plan_as_run(self.config, self.inputs, self.shard_size)
-        write_plan(self.out_dir, as_run)
-        write_card(self.out_dir, model_card(
-            as_run, self.models.models, self.models.spec.family, self._param_record(),
-            out_config=self.anchor.config, command=self.options.command,
-            side_files=side_files))
+        self.describe_output(self.anchor.config)
         write_config(self.out_dir, self.anchor.config, self.out_dtype)
         self.summary.write_bytes = sum(s.size for s in (*self.shards, *eta_shards))
         self._write_report(state)
