@@ -80,6 +80,17 @@ class Placement:
         return self.offset / (self.length - 1) if self.length > 1 else 1.0
 
 
+def slice_models(slices: tuple[SliceSpec, ...]) -> list[ModelRef]:
+    """Every model the slices read, once each, in order of first use (the order of the
+    virtual inputs' files, CompositeFiles.members)."""
+    refs: list[ModelRef] = []
+    for piece in slices:
+        for source in piece.sources:
+            if source.ref not in refs:
+                refs.append(source.ref)
+    return refs
+
+
 def placements(slices: tuple[SliceSpec, ...]) -> list[Placement]:
     """One per output block, in output order."""
     return [Placement(p, o, s.length) for p, s in enumerate(slices) for o in range(s.length)]
@@ -133,11 +144,7 @@ def sliced_models(plan: "PlanConfig") -> "ModelSet":
     from .io.reader import CheckpointIndex
 
     slices, base = plan.slices, plan.base_model
-    refs: list[ModelRef] = []
-    for piece in slices:
-        for source in piece.sources:
-            if source.ref not in refs:
-                refs.append(source.ref)
+    refs = slice_models(slices)
     real = ModelSet.open(refs, None, plan.accept_config_differences)  # one family, shape, function
     depth = real.graph.dims["layers"]
     for p, piece in enumerate(slices):

@@ -27,8 +27,9 @@ from .. import __version__
 from ..config import DENSE_ONLY_PACER_KEYS, PlanConfig
 from ..errors import PacerError
 from ..io.reader import CheckpointIndex
-from ..io.sources import ModelRef
+from ..io.sources import ModelFiles, ModelRef
 from ..io.writer import write_atomic
+from ..slices import slice_models
 from .llamacpp import LLAMACPP
 
 PLAN_FILE = "pacer_plan.yaml"
@@ -135,16 +136,15 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
     """The plan that reproduces this run: ``--shard-size`` folded in, and hub models
     pinned to the commit read (``inputs``: the models' indexes, then the base's)."""
     if config.slices:  # virtual inputs (slices.py): their files hold each real model's
-        real = [s.ref for piece in config.slices for s in piece.sources]
-        real = [ref for i, ref in enumerate(real) if ref not in real[:i]]
-        by_ref = [(ref, _pinned(ref, _Files(files)))
-                  for ref, files in zip(real, inputs[0].files.members)]
+        by_ref = [(ref, _pinned(ref, files))
+                  for ref, files in zip(_refs(config), inputs[0].files.members)]
 
         def pin(ref):
             return next((p for r, p in by_ref if r == ref), ref) if isinstance(ref, ModelRef) \
                 else ref
     else:
-        pinned = {id(ref): _pinned(ref, index) for ref, index in zip(_refs(config), inputs)}
+        pinned = {id(ref): _pinned(ref, index.files)
+                  for ref, index in zip(_refs(config), inputs)}
 
         def pin(ref):
             return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
@@ -163,29 +163,21 @@ def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
                                    tokenizer_source=source))
 
 
-@dataclasses.dataclass
-class _Files:
-    """What _pinned reads of an index: its files."""
-
-    files: Any
-
-
 def _refs(config: PlanConfig) -> list[ModelRef]:
     """The models' references, then the base model's (the order of the run's inputs); for
     a sliced plan, every model its slices read, once each, in order of first use."""
     if config.slices:
-        refs = [s.ref for piece in config.slices for s in piece.sources]
-        return [ref for i, ref in enumerate(refs) if ref not in refs[:i]]
+        return slice_models(config.slices)
     return [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
 
 
-def _pinned(ref: ModelRef, index: CheckpointIndex) -> ModelRef:
+def _pinned(ref: ModelRef, files: ModelFiles) -> ModelRef:
     """A hub reference at the commit its cached config.json came from (the cache's
     ``snapshots/<commit>/``); the reference as written when that is not known."""
     if ref.repo_id is None:
         return ref
     try:
-        cached = index.files.local_path("config.json")
+        cached = files.local_path("config.json")
     except (PacerError, OSError, ValueError):
         return ref
     if cached is None or Path(cached).parent.parent.name != "snapshots":
