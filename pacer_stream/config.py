@@ -42,7 +42,6 @@ ANCHORS = ("first", "lowest_magnitude")  # or a reference to one of the models
 TOP_KEYS = ("project_name", "models", "slices", "base_model", "output", "method", "parameters",
             "pacer", "seed", "align", "accept_config_differences")
 SLICE_KEYS = ("sources", "parameters")
-SOURCE_KEYS = ("model", "layer_range") + ("weight", "density", "epsilon", "gamma", "scale")
 ROUTER_MODES = ("linear", "deviation_norm")
 ROUTERS = ("few_shot", "data_free")
 DENSE_RULES = ("regmean", "mean")  # pacer.dense: how linear layers that are not upcycled merge
@@ -61,6 +60,7 @@ TARGETS = ("transformers", "llama.cpp")
 PER_MODEL_KEYS = ("weight", "density", "epsilon", "gamma", "scale")  # parameters a model
 # entry may set for itself
 MODEL_KEYS = ("model",) + PER_MODEL_KEYS
+SOURCE_KEYS = MODEL_KEYS + ("layer_range",)  # a slice's source: a model entry and its layers
 PARAMETER_KEYS = ("weight", "density", "lambda", "normalize", "rescale", "epsilon", "gamma",
                   "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps",
                   "max_iter", "tol", "filter_wise", "scale")

@@ -56,16 +56,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import PacerError
-from . import schedule
 from .gram import BlockSum
 from .sparsify import (MagnitudeSelect, OutlierBand, dare_keep, della_probabilities,
                        magnitude_bits, uniform_draws)
 from .vocabulary import merge_rows
+
+if TYPE_CHECKING:
+    from ..config import PlanConfig
 
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
 
@@ -154,20 +156,16 @@ class MethodParams:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
         mdef = METHODS[method]
         per_model = [m if isinstance(m, Mapping) else m.parameters for m in models]
-        # A setting that varies by tensor (a filter or gradient) is not one value here:
-        # the executor resolves it per tensor (params_for), so skip it at the model level.
-        plan = {k: v for k, v in parameters.items() if schedule.is_scalar(v)}
 
         def each(key: str, default: Any) -> tuple[Any, ...]:
-            plan_value = plan.get(key, default)
-            values = [m.get(key, plan_value) for m in per_model]
-            return tuple(v if schedule.is_scalar(v) else plan_value for v in values)
+            plan_value = parameters.get(key, default)
+            return tuple(m.get(key, plan_value) for m in per_model)
 
         weights = tuple(map(float, each("weight", 1.0)))
         densities = tuple(map(float, each("density", 1.0)))
-        rescale = plan.get("rescale", mdef.rescale)
-        normalize = plan.get("normalize", mdef.normalize)
-        lam = plan.get("lambda", 1.0)
+        rescale = parameters.get("rescale", mdef.rescale)
+        normalize = parameters.get("normalize", mdef.normalize)
+        lam = parameters.get("lambda", 1.0)
         if normalize and abs(sum(weights)) < 1e-8 and mdef.linear:
             raise PacerError("parameters: model weights sum to zero; cannot normalize")
         epsilons = tuple(map(float, each("epsilon", DEFAULTS["epsilon"])))
@@ -176,11 +174,11 @@ class MethodParams:
                 if d < 1 and not (d - e > 0 and d + e < 1):
                     raise PacerError(f"models[{k}]: della needs density - epsilon > 0 and "
                                      f"density + epsilon < 1, got density {d}, epsilon {e}")
-        t = plan.get("t")
+        t = parameters.get("t")
         return cls(mdef, weights, densities, float(lam), normalize, rescale, seed,
                    epsilons, tuple(map(float, each("gamma", DEFAULTS["gamma"]))),
                    each("scale", None), None if t is None else float(t),
-                   {k: plan[k] for k in DEFAULTS if k in plan})
+                   {k: parameters[k] for k in DEFAULTS if k in parameters})
 
 
 class TensorMerge:
