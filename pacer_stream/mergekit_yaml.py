@@ -82,15 +82,11 @@ def to_plan(raw: dict, label: str, out: Path | None, name: str) -> tuple[dict, l
         raise PacerError(f"{label}: give exactly one of models and slices")
     plan: dict[str, Any] = {"project_name": name, "method": method,
                             "output": {"path": str(out)}}
-    base = raw.get("base_model")
     if "models" in raw:
         models = _models(raw["models"], f"{label}: models", notes)
     else:
         plan["slices"] = _slices(raw["slices"], f"{label}: slices", notes)
         models = []  # a slice lists its base among its sources (slices.py)
-        if method in BASE_IGNORED and base is not None:
-            plan["slices"] = [{**s, "sources": [x for x in s["sources"] if x["model"] != base]
-                               or s["sources"]} for s in plan["slices"]]
     base = raw.get("base_model")
     if base is not None:
         _check_ref(base, f"{label}: base_model")

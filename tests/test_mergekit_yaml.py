@@ -160,6 +160,11 @@ def test_a_listed_base_is_no_task_vector_and_linear_ignores_the_base(tmp_path):
                                 "base_model": "b/base"}, "m.yml", tmp_path, "m")
     assert "base_model" not in linear and len(linear["models"]) == 3
     assert any("ignored" in n for n in notes)
+    # in slices too: mergekit's linear averages every source, the base's included
+    sources = [{"model": m["model"], "layer_range": [0, 2]} for m in models]
+    sliced, _ = to_plan({"slices": [{"sources": sources}], "merge_method": "linear",
+                         "base_model": "b/base"}, "m.yml", tmp_path, "m")
+    assert "base_model" not in sliced and sliced["slices"][0]["sources"] == sources
 
 
 @pytest.mark.parametrize("extra, needle", [
