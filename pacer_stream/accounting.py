@@ -60,7 +60,14 @@ RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")  # seeded
 HISTOGRAMS = {"ties": 2, "breadcrumbs": 3, "breadcrumbs_ties": 3}
 GRAM_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # methods.gram
 MASK_BYTES = 2  # bool masks per element: a keep mask and its negation (TIES, DARE)
-TIES_BITS = 4  # per input and element: the int32 magnitude bits a whole-tensor TIES keeps
+TIES_BITS = 4  # per input and element: the int32 magnitude bits of TIES' selection
+# Elements per model copy that a dense merge computes on at once (executor): what it has
+# read, the whole tensor or a slice, is widened to fp32 and merged in row chunks of this
+# size. Measured on 3 x 0.3B bf16 Llamas (benchmarks/bench_dense.py machine): ties 10.1 s
+# at 2^18, 11.2 s at 2^16, 12.3 s at 2^20 and 19.7 s at 2^22, where the buffers pass
+# the 8 MiB mmap threshold (executor.steady_allocator) and every chunk faults in fresh
+# pages; linear 4.1 / 4.3 / 6.6 / 7.5 s. Whole-tensor fp32 copies were the 2^22+ case.
+COMPUTE_CHUNK_ELEMS = 1 << 18
 
 
 def usable(budget: int) -> int:
@@ -84,13 +91,14 @@ class Work:
     scratch: int = 0
     scratch_elems: int = 0
     fixed: int = 0
-    whole_extra: int = 0  # per element, only when the tensor is processed in one piece
+    chunk: int = 0  # per element of the compute chunk (at most chunk_elems elements)
+    chunk_elems: int = 0
 
-    def bytes(self, numel: int, tensor_numel: int, whole: bool) -> int:
+    def bytes(self, numel: int, tensor_numel: int) -> int:
         """Working set for ``numel`` elements at once of a tensor of ``tensor_numel``."""
-        per = self.per_element + (self.whole_extra if whole else 0)
-        scratch = min(tensor_numel, self.scratch_elems) * self.scratch + self.fixed
-        return numel * per + max(scratch - SCRATCH_IN_BASE, 0)
+        scratch = min(tensor_numel, self.scratch_elems) * self.scratch + self.fixed \
+            + min(tensor_numel, self.chunk_elems) * self.chunk
+        return numel * self.per_element + max(scratch - SCRATCH_IN_BASE, 0)
 
 
 # Copies of one input's bytes beside it while it is read: the reader copies what it
@@ -117,18 +125,29 @@ def raw_bytes(numel: int, n_inputs: int, in_itemsize: int, aligned: bool = False
 
 
 def merge_work(method: str, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,
-               aligned: bool = False) -> Work:
-    """Merging with a dense ``method`` (methods.dense) from ``n_inputs`` models (base included)."""
-    compute = (COMPUTE_ITEMSIZE * (n_inputs + METHOD_TEMPORARIES[method]) + MASK_BYTES
-               + out_itemsize)
-    random = method in RANDOM_METHODS  # a seed block of fp32 draws, and two partial blocks
+               aligned: bool = False, row: int = 1) -> Work:
+    """Merging with a dense ``method`` (methods.dense) from ``n_inputs`` models (base
+    included), rows of ``row`` elements: the slice as read, and the fp32 work of one
+    compute chunk (:func:`compute_chunks`) at a time."""
     histograms = HISTOGRAMS.get(method, 0)
+    compute = (COMPUTE_ITEMSIZE * (n_inputs + METHOD_TEMPORARIES[method]) + MASK_BYTES
+               + out_itemsize + (n_inputs * TIES_BITS if histograms else 0))
+    random = method in RANDOM_METHODS  # a seed block of fp32 draws, and two partial blocks
     gram = method in GRAM_METHODS  # fp64 chunks: a point's copy and one product at a time
-    return Work(max(read_per_element(n_inputs, in_itemsize, aligned), compute),
+    return Work(raw_bytes(1, n_inputs, in_itemsize, aligned),
                 scratch=COMPUTE_ITEMSIZE + 2 if random else 8 * (n_inputs + 1) if gram else 0,
                 scratch_elems=MASK_BLOCK_ELEMS if random else GRAM_CHUNK_ELEMS if gram else 0,
                 fixed=n_inputs * HIST_BYTES * histograms // 2,
-                whole_extra=n_inputs * TIES_BITS if histograms else 0)
+                chunk=compute, chunk_elems=max(COMPUTE_CHUNK_ELEMS, row))
+
+
+def compute_chunks(shape: tuple[int, ...], rows: tuple[int, int]) -> list[tuple[int, int]]:
+    """Row ranges of about COMPUTE_CHUNK_ELEMS elements (at least one row) covering
+    ``rows`` of a tensor; a scalar is one chunk."""
+    if not shape:
+        return [rows]
+    step = max(1, COMPUTE_CHUNK_ELEMS // max(row_numel(shape), 1))
+    return [(r, min(r + step, rows[1])) for r in range(rows[0], rows[1], step)]
 
 
 def copies_work(copies: int, n_inputs: int, out_itemsize: int, in_itemsize: int = 4,
@@ -186,10 +205,10 @@ def rows_per_slice(shape: tuple[int, ...], work: Work, available: int) -> int | 
     rows = shape[0] if shape else 1
     row = row_numel(shape)
     numel = rows * row
-    if work.bytes(numel, numel, whole=True) <= available:
+    if work.bytes(numel, numel) <= available:
         return rows
-    per_row = work.bytes(row, numel, whole=False) - work.bytes(0, numel, whole=False)
-    fit = (available - work.bytes(0, numel, whole=False)) // max(per_row, 1)
+    per_row = work.bytes(row, numel) - work.bytes(0, numel)
+    fit = (available - work.bytes(0, numel)) // max(per_row, 1)
     if fit < 1 or rows == 1:
         return None
     return min(rows - 1, fit)  # sliced, even where all rows would fit as slices
@@ -199,7 +218,7 @@ def one_row_bytes(shape: tuple[int, ...], work: Work) -> int:
     """The smallest working set of ``work`` on this tensor: one row (all of it if one row)."""
     shape = shape or (1,)
     row = row_numel(shape)
-    return work.bytes(row, shape[0] * row, whole=shape[0] == 1)
+    return work.bytes(row, shape[0] * row)
 
 
 # Per cell of an assignment problem: the fp32 cost matrix while the member tensors are
@@ -335,7 +354,7 @@ def plan_tensor(shape: tuple[int, ...], work: Work, budget: int) -> SlicePlan:
     fits = rows is not None
     rows = rows or 1
     row = row_numel(shape)
-    return SlicePlan(rows, shape[0], work.bytes(rows * row, shape[0] * row, rows == shape[0]),
+    return SlicePlan(rows, shape[0], work.bytes(rows * row, shape[0] * row),
                      fits)
 
 

@@ -34,7 +34,6 @@ from . import accounting as acct
 from . import failpoints
 from .config import PlanConfig
 from .errors import PacerError
-from .align.stage import AlignStage
 from .export.card import model_card, plan_as_run, write_card, write_plan
 from .export.dense import copy_side_files, write_config
 from .export.vit_moe import (VitMoeLayout, vit_moe_config, vit_moe_recipes,
@@ -973,6 +972,8 @@ class MergeJob:
 
     def _align(self, state: RunState, quiet: bool) -> None:
         """Find every input's permutations onto the anchor (resumable), for the merge pass."""
+        from .align.stage import AlignStage  # here: scipy's solvers cost a merge 40 MB RSS
+
         started = time.perf_counter()
         anchor = self._anchor_index(state)
         graph = self.models.graph
@@ -1163,7 +1164,7 @@ class MergeJob:
             width = self.models.widest_itemsize(name)
             work = acct.copies_work(copies, n, out_itemsize, width, aligned) if copies \
                 else acct.merge_work(self.params.method.name, n, out_itemsize, width,
-                                     aligned)
+                                     aligned, acct.row_numel(info.shape or (1,)))
         return acct.plan_tensor(info.shape, work, self.budget)
 
     def _ranges(self, name: str, copies: int | None = None,
@@ -1278,30 +1279,34 @@ class MergeJob:
             return 0
         merge = tensor_merge(name, info.shape, self.params_for(name), self.vocab_rows.get(name),
                              listed_base(self.config))
-        ranges = self._ranges(name)
-        read = 0
-        split = None
-        if raw is not None:  # whole tensor already read ahead: split once, keep for all passes
-            split = merge.split(*self._to_compute(name, raw, check=True))
-            read += sum(c.numel() * c.element_size() for c in raw)
-            raw.clear()  # the caller's list too: the raw bytes are not needed past fp32
-        if split is not None:
-            merge.observe_whole(split[1])
-        else:
-            for pass_name in merge.passes:
-                for rows in ranges:
+        # Read in slices the budget allows (the whole tensor, or all of it read ahead);
+        # compute on cache-sized row chunks of what was read: no method's result depends
+        # on the slicing, and small buffers neither fault in fresh pages nor leave the cache.
+        ranges = [(0, info.shape[0] if info.shape else 1)] if raw is not None \
+            else self._ranges(name)
+        read = sum(c.numel() * c.element_size() for c in raw) if raw is not None else 0
+        for pass_name in [*merge.passes, "merge"]:
+            for rows in ranges:
+                copies = raw
+                if copies is None:
+                    copies = self._read(name, rows) if info.shape else [
+                        self._read_model(k, name, None) for k in range(len(self.inputs))]
                     read += self._nbytes(name, rows)
-                    merge.observe(pass_name, rows, merge.split(*self._load(name, rows, check=False))[1])
-        for rows in ranges:
-            if raw is None:
-                split = merge.split(*self._load(name, rows, check=True))
-                read += self._nbytes(name, rows)
-            merged = merge.merge(rows, *split)
-            split = None
-            result = merged.to(DTYPES[out.dtype][0]).cpu()
-            writer.write(name, result.reshape(rows[1] - rows[0], *info.shape[1:])
-                         if info.shape else result.reshape(()), first_row=rows[0])
-            del merged, result  # not alive while the next slice is read
+                for part in acct.compute_chunks(info.shape, rows):
+                    x, base = self._to_compute(name, _rows_of(copies, part, rows[0]),
+                                               check=pass_name == "merge")
+                    anchor, d = merge.split(x, base)
+                    if pass_name != "merge":
+                        merge.observe(pass_name, part, d)
+                        continue
+                    merged = merge.merge(part, anchor, d)
+                    result = merged.to(DTYPES[out.dtype][0]).cpu()
+                    writer.write(name, result.reshape(part[1] - part[0], *info.shape[1:])
+                                 if info.shape else result.reshape(()), first_row=part[0])
+                    del merged, result, x, d, anchor, base
+                del copies  # not alive while the next slice is read
+        if raw is not None:
+            raw.clear()  # the caller's list too
         self.summary.read_bytes += read
         return read
 
@@ -1356,6 +1361,14 @@ def aligned_folder(k: int, label: str) -> str:
     """Sub-folder of ``align: only`` output for input ``k``: its position and a safe name."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label.rstrip("/").split("/")[-1])
     return f"{k}-{safe}"
+
+
+def _rows_of(copies: list[torch.Tensor], part: tuple[int, int], first: int
+             ) -> list[torch.Tensor]:
+    """Rows ``part`` of each copy, which holds the rows from ``first`` on (views)."""
+    if copies[0].dim() == 0:
+        return copies
+    return [c[part[0] - first:part[1] - first] for c in copies]
 
 
 def _read_rows(index: CheckpointIndex, name: str, rows: torch.Tensor) -> torch.Tensor:

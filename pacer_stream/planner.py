@@ -275,7 +275,7 @@ def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConf
                     need = _gram_group_bytes(info, work)
                 slices = acct.plan_tensor(info.shape, work, budget)
             else:  # read whole
-                need = work.bytes(info.numel, info.numel, whole=True)
+                need = work.bytes(info.numel, info.numel)
                 slices = acct.SlicePlan(1, 1, need, need <= acct.usable(budget))
             if need > plan.min_need_bytes:
                 plan.min_need_bytes, plan.min_need_what = need, f"{what} {t}"
@@ -312,7 +312,7 @@ def _gram_group_bytes(info: TensorInfo, work: acct.Work) -> int:
     shape = info.shape or (1,)
     row = acct.row_numel(shape)
     rows = min(shape[0], gram_group_rows(row))
-    return work.bytes(rows * row, info.numel, whole=rows == shape[0])
+    return work.bytes(rows * row, info.numel)
 
 
 def _can_slice(config: PlanConfig, graph: MergeGraph, name: str, info: TensorInfo) -> bool:
@@ -343,7 +343,8 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
         from .methods.dense import pacer_dense
 
         dense = pacer_dense(config)[0]
-    works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned))]
+    works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned,
+                                         acct.row_numel(info.shape or (1,))))]
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] and unit.kind == "block":
         role = graph.nodes[name].role
         if part_of(role) is not None:

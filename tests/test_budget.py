@@ -149,7 +149,7 @@ def whole_embedding_budget(method: str, n: int = 3) -> int:
 
     work = acct.copies_work(split_copies(n), n, 2, 2) if method == "split_merge" else \
         acct.merge_work(method, n, 2, 2)
-    return acct.budget_for(work.bytes(numel, numel, whole=True))
+    return acct.budget_for(work.bytes(numel, numel))
 
 
 @pytest.mark.slow

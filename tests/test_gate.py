@@ -104,7 +104,8 @@ def _merge(method: str, x: torch.Tensor, density: float = 1.0, base=None) -> tor
     params = MethodParams.resolve(method, [{}] * x.shape[0], {"density": density}, 0)
     merge = TensorMerge("t", tuple(x.shape[1:]), params)
     anchor, d = merge.split(x.clone(), base)
-    merge.observe_whole(d)
+    for pass_name in merge.passes:
+        merge.observe(pass_name, (0, x.shape[1]), d)
     return merge.merge((0, x.shape[1]), anchor, d)
 
 

@@ -230,18 +230,23 @@ CASES = {  # id: (method, models, base, plan body, reference(name, base, xs))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_method_matches_reference_at_any_budget(case, fixtures_dir, tmp_path):
+def test_method_matches_reference_at_any_budget(case, fixtures_dir, tmp_path, monkeypatch):
     method, models, base, body, ref = CASES[case]
     whole = write(tmp_path, fixtures_dir, method, models, base, body, "whole")
     sliced = write(tmp_path, fixtures_dir, method, models, base, body, "sliced")
+    chunked = write(tmp_path, fixtures_dir, method, models, base, body, "chunked")
     run(whole)
-    # ~40 KB left for merging: every large tensor goes through in row slices
-    tiny = str(int((acct.PROCESS_BASE_BYTES + 40_000) / acct.HEADROOM) + 1)
+    with monkeypatch.context() as patch:  # read whole, computed a row or a few at a time
+        patch.setattr(acct, "COMPUTE_CHUNK_ELEMS", 100)
+        run(chunked)
+    # ~16 KB left for merging: every large tensor goes through in row slices
+    tiny = str(int((acct.PROCESS_BASE_BYTES + 16_000) / acct.HEADROOM) + 1)
     run(sliced, "--max-memory", tiny)
     planned = CliRunner().invoke(main, ["plan", str(sliced), "--json", "--max-memory", tiny])
     assert sum(len(u["sliced"]) for u in json.loads(planned.stdout)["units"]) >= 10
     for file in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert file.read_bytes() == (tmp_path / "sliced" / file.name).read_bytes(), file.name
+        assert file.read_bytes() == (tmp_path / "chunked" / file.name).read_bytes(), file.name
     merged = load_all(tmp_path / "whole")
     names = [m.split("@")[1].split("}")[0].split(",")[0] for m in models]
     xs = [load_all(fixtures_dir / FAMILY / m) for m in names]
@@ -267,8 +272,58 @@ def merge_whole(method: str, xs: list[list[float]], base: list[float] | None = N
     merge = tensor_merge("w", tuple(x.shape[1:]), params, None, base_index)
     b = torch.tensor(base, dtype=torch.float32) if base is not None else None
     offset, v = merge.split(x, b)
-    merge.observe_whole(v)
+    for pass_name in merge.passes:  # one slice: every pass sees the same split
+        merge.observe(pass_name, (0, x.shape[1]), v)
     return merge.merge((0, x.shape[1]), offset, v)
+
+
+def coarse_family(fixtures: Path, tmp: Path) -> Path:
+    """The fixture family on a grid of 1/2048 (exact in fp32): the fine-tunes' task vectors
+    take a few magnitudes, so TIES' k-th value is shared by many entries, and the ties kept
+    at the threshold cross chunk and slice cuts."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = tmp / "coarse"
+    grid = lambda v: (v * 2048).round() / 2048  # noqa: E731
+    anchor = load_all(fixtures / FAMILY / "anchor")
+    for model in ("anchor", "ft1", "ft2", "ft3"):
+        shutil.copytree(fixtures / FAMILY / model, root / model)
+        for file in (root / model).glob("*.safetensors"):
+            tensors = {k: grid(anchor[k]) + grid(v - anchor[k]) if v.is_floating_point() else v
+                       for k, v in load_file(str(file)).items()}
+            save_file(tensors, str(file), metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
+def test_dense_methods_give_the_same_bytes_whole_chunked_and_sliced(method, fixtures_dir,
+                                                                   tmp_path, monkeypatch):
+    """The executor reads a tensor whole or in budget slices and computes on row chunks of
+    what it read: neither cut may change a byte (TIES' ties at the threshold, DARE's seeded
+    row blocks and the election all cross chunk boundaries here)."""
+    family = coarse_family(fixtures_dir, tmp_path)
+    body = "parameters: {density: 0.4}\n" if method in ("ties", "dare_ties") else ""
+    if method != "linear":
+        body += f"base_model: {family / 'anchor'}\n"
+    plans = {}
+    for out in ("whole", "chunked", "sliced"):
+        models = "".join(f"  - {{model: {family / m}}}\n" for m in ("ft1", "ft2", "ft3"))
+        plans[out] = tmp_path / f"{out}.yaml"
+        plans[out].write_text(f"method: {method}\nmodels:\n{models}"
+                              f"output: {{path: {tmp_path / out}}}\n{body}")
+    run(plans["whole"])
+    with monkeypatch.context() as patch:
+        patch.setattr(acct, "COMPUTE_CHUNK_ELEMS", 100)
+        run(plans["chunked"])
+    run(plans["sliced"], "--max-memory",
+        str(int((acct.PROCESS_BASE_BYTES + 16_000) / acct.HEADROOM) + 1))
+    files = sorted((tmp_path / "whole").glob("*.safetensors"))
+    assert files
+    for file in files:
+        for other in ("chunked", "sliced"):
+            assert file.read_bytes() == (tmp_path / other / file.name).read_bytes(), file.name
 
 
 def test_slerp_by_hand():
@@ -419,7 +474,8 @@ def test_any_slicing_gives_the_same_bytes(method, values, with_base, base_index,
         sub = lambda a, b: (x[:, a:b].clone(), base[a:b] if base is not None else None)  # noqa
         if len(ranges) == 1:
             split = merge.split(*sub(0, shape[0]))
-            merge.observe_whole(split[1])
+            for pass_name in merge.passes:  # one slice: every pass sees the same split
+                merge.observe(pass_name, ranges[0], split[1])
             return merge.merge(ranges[0], *split)
         for pass_name in merge.passes:
             for a, b in ranges:

@@ -186,8 +186,10 @@ class TensorMerge:
 
     The executor calls, for every slice: ``anchor, d = split(x, base)`` (in place:
     ``x`` becomes the task vectors), then ``observe(pass, rows, d)`` for each of
-    :attr:`passes`, then ``merge(rows, anchor, d)``. A tensor that fits the budget
-    is one slice, split once and kept in memory across the passes.
+    :attr:`passes`, then ``merge(rows, anchor, d)``. The slices are row chunks of a
+    few hundred thousand elements (accounting.compute_chunks); every pass splits them
+    again from the bytes read, as holding a whole tensor's fp32 split costs more in
+    page faults than the split itself.
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], params: MethodParams,
@@ -207,7 +209,6 @@ class TensorMerge:
         elif m.sparsify == "outliers":
             self.select = [OutlierBand(numel, d, g)
                            for d, g in zip(params.densities, params.gammas)]
-        self._bits: list[torch.Tensor] | None = None
         self.vote_by_count = False  # set by split(): base-free sign election (docstring)
         # L1 norms before and after the drop, per row in fp64 and summed in fixed blocks of
         # rows (gram.BlockSum), so the ratio is the same number however the tensor is sliced
@@ -245,19 +246,6 @@ class TensorMerge:
             anchor = x.mean(0)
         return anchor, x.sub_(anchor)
 
-    def observe_whole(self, d: torch.Tensor) -> None:
-        """All observation passes over a whole tensor (one slice), sharing the work."""
-        if self.select is not None:
-            self._bits = []
-            for k in range(d.shape[0]):
-                bits = magnitude_bits(d[k])
-                self.select[k].observe_high(bits)
-                self.select[k].observe_low(bits)
-                self._bits.append(bits)  # reused by merge() for the mask
-        for pass_name in self.passes:
-            if pass_name in ("l1-norms", "della-magnitudes"):
-                self.observe(pass_name, (0, self.shape[0] if self.shape else 1), d)
-
     def observe(self, pass_name: str, rows: tuple[int, int], d: torch.Tensor) -> None:
         if rows[0] == 0 and pass_name == "l1-norms" and self.select is not None:
             for select in self.select:  # the masks are handed out again from slice 0
@@ -290,11 +278,10 @@ class TensorMerge:
                 out.add_(d[k], alpha=p.weights[k])
             return out.div_(sum(p.weights)) if p.normalize else out
         if m.sparsify in ("magnitude", "outliers"):
-            bits, self._bits = self._bits, None
             for k in range(n):
                 if rows[0] == 0:
                     self.select[k].restart()
-                self.select[k].prune_(d[k], bits[k] if bits else magnitude_bits(d[k]))
+                self.select[k].prune_(d[k], magnitude_bits(d[k]))
                 if m.sparsify == "outliers" and p.densities[k] < 1 and self.l1 is not None:
                     d[k].mul_(self._dare_scale(k))
         elif m.sparsify == "random":

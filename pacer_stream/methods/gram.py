@@ -138,7 +138,7 @@ class GramStats:
 class GramMerge:
     """A merge whose result is sum_k c_k v_k (+ an offset), the coefficients a function of
     the vectors' Gram matrices: the spherical methods and Model Stock. Same protocol as
-    dense.TensorMerge (``passes``, ``split``, ``observe``, ``observe_whole``, ``merge``).
+    dense.TensorMerge (``passes``, ``split``, ``observe``, ``merge``).
 
     A subclass gives :meth:`points` (which vectors, and what is added back) and
     :meth:`coefficients` ([groups, M] from [groups, M, M]; an extra last column divides
@@ -179,10 +179,6 @@ class GramMerge:
     def split(self, x: torch.Tensor, base: torch.Tensor | None):
         """(offset, points): the vectors the Gram matrix is of, made from ``x`` [N, ...]."""
         return self.points(x, base)
-
-    def observe_whole(self, v: torch.Tensor) -> None:
-        if self.stats.needs_observation:
-            self.stats.observe(0, v)
 
     def observe(self, pass_name: str, rows: tuple[int, int], v: torch.Tensor) -> None:
         self.stats.observe(rows[0], v)

@@ -20,9 +20,6 @@ class Passthrough:
     def split(self, x: torch.Tensor, base: torch.Tensor | None):
         return None, x
 
-    def observe_whole(self, x: torch.Tensor) -> None:
-        pass
-
     def observe(self, pass_name: str, rows: tuple[int, int], x: torch.Tensor) -> None:
         pass
 

@@ -1,7 +1,7 @@
 """Which class merges a tensor for each method: one factory the executor calls.
 
 Every class has dense.TensorMerge's protocol (``passes``, ``split``, ``observe``,
-``observe_whole``, ``merge``); the method table itself is dense.METHODS (its
+``merge``); the method table itself is dense.METHODS (its
 ``family`` names the module here).
 """
 

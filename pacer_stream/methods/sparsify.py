@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import torch
 
 from ..seeding import generator
@@ -187,10 +188,11 @@ def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest element, and k's rank inside that bin."""
-    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count in bins >= b
-    b = int(torch.nonzero(above >= k).max())
-    strictly_above = int(above[b + 1]) if b + 1 < len(hist) else 0
-    return b, k - strictly_above
+    # counts from the top bin down: at_or_above[i] is the count in bins >= last - i
+    at_or_above = np.cumsum(hist.numpy()[::-1])
+    i = int(np.searchsorted(at_or_above, k))  # the first i whose count reaches k
+    strictly_above = int(at_or_above[i - 1]) if i > 0 else 0
+    return len(at_or_above) - 1 - i, k - strictly_above
 
 
 def dare_keep(shape: tuple[int, ...], rows: tuple[int, int], density: float, seed: int,
