@@ -132,13 +132,30 @@ def merge_work(method: str, n_inputs: int, out_itemsize: int, in_itemsize: int =
     histograms = HISTOGRAMS.get(method, 0)
     compute = (COMPUTE_ITEMSIZE * (n_inputs + METHOD_TEMPORARIES[method]) + MASK_BYTES
                + out_itemsize + (n_inputs * TIES_BITS if histograms else 0))
-    random = method in RANDOM_METHODS  # a seed block of fp32 draws, and two partial blocks
+    random = method in RANDOM_METHODS  # each model's newest seed block of fp32 draws (kept
+    # across the chunks inside it), and two partial blocks
     gram = method in GRAM_METHODS  # fp64 chunks: a point's copy and one product at a time
     return Work(raw_bytes(1, n_inputs, in_itemsize, aligned),
-                scratch=COMPUTE_ITEMSIZE + 2 if random else 8 * (n_inputs + 1) if gram else 0,
+                scratch=COMPUTE_ITEMSIZE * n_inputs + 2 if random
+                else 8 * (n_inputs + 1) if gram else 0,
                 scratch_elems=MASK_BLOCK_ELEMS if random else GRAM_CHUNK_ELEMS if gram else 0,
                 fixed=n_inputs * HIST_BYTES * histograms // 2,
                 chunk=compute, chunk_elems=max(COMPUTE_CHUNK_ELEMS, row))
+
+
+# Passes a method makes over a tensor before merging it (methods.dense.TensorMerge.passes,
+# methods.gram): a tensor read in budget slices is read again for each of them.
+SELECTION_PASSES = {"ties": 2, "breadcrumbs": 2, "breadcrumbs_ties": 2}  # two radix levels
+L1_RESCALED = ("dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
+               "breadcrumbs_ties")  # with rescale: l1, the L1 norms before the merge
+DEFAULT_L1 = ("della", "della_linear")  # methods.dense.METHODS: l1 by default
+
+
+def observation_passes(method: str, rescale: str | None = None) -> int:
+    """Reads of a sliced tensor before its merge pass, for ``method`` with ``rescale``
+    (None: the method's default). The Gram methods count one (rows mode needs none)."""
+    l1 = method in L1_RESCALED and (rescale or ("l1" if method in DEFAULT_L1 else "")) == "l1"
+    return SELECTION_PASSES.get(method, 0) + (1 if method in GRAM_METHODS else 0) + int(l1)
 
 
 def compute_chunks(shape: tuple[int, ...], rows: tuple[int, int]) -> list[tuple[int, int]]:
@@ -304,24 +321,24 @@ class Throughput:
 
 
 # Seconds every run pays before reading a byte: Python, torch and pacer-stream imported
-# (benchmarks/bench_dense.py: 1.5-1.9 s on the 2-core dev machines). CUDA's own start-up
-# is not in it (no GPU measured yet).
-STARTUP_SECONDS = 1.9
+# (benchmarks/bench_dense.py: 1.4-1.9 s on the 2-core dev machines, 1.63 s in the last
+# run). CUDA's own start-up is not in it (no GPU measured yet).
+STARTUP_SECONDS = 1.6
 # The merge's elementwise time per element-model pair, relative to CPU/GPU merge_elems:
 # measured by benchmarks/bench_dense.py (results/dense-vm.md, 3 x 0.3B bf16 Llama, AMD
-# EPYC 2 cores): linear 2.0, ties 3.8, dare_ties 3.5 (its fp32 copies, masks and sums;
-# TIES's two observation passes). The methods not measured take the figure of the
-# measured one whose passes they share: one pass (linear), random draws (DARE), or
-# observation passes before the merge (TIES).
-MERGE_COST = {"linear": 2.0, "task_arithmetic": 2.0, "passthrough": 2.0,
-              "dare_linear": 3.5, "dare_ties": 3.5, "della": 3.5, "della_linear": 3.5,
-              "ties": 3.8, "breadcrumbs": 3.8, "breadcrumbs_ties": 3.8, "slerp": 3.8,
-              "nuslerp": 3.8, "multislerp": 3.8, "karcher": 3.8, "model_stock": 3.8}
+# EPYC 2 cores; compute in row chunks, accounting.compute_chunks): linear 0.6, ties 2.2,
+# dare_ties 3.2 (its seeded draws; TIES's two observation passes). The methods not
+# measured take the figure of the measured one whose passes they share: one pass
+# (linear), random draws (DARE), or observation passes before the merge (TIES).
+MERGE_COST = {"linear": 0.6, "task_arithmetic": 0.6, "passthrough": 0.6,
+              "dare_linear": 3.2, "dare_ties": 3.2, "della": 3.2, "della_linear": 3.2,
+              "ties": 2.2, "breadcrumbs": 2.2, "breadcrumbs_ties": 2.2, "slerp": 2.2,
+              "nuslerp": 2.2, "multislerp": 2.2, "karcher": 2.2, "model_stock": 2.2}
 
 
 def merge_cost(method: str) -> float:
-    """The elementwise cost factor of a method (MERGE_COST; 2.0 for anything else)."""
-    return MERGE_COST.get(method, 2.0)
+    """The elementwise cost factor of a method (MERGE_COST; linear's for anything else)."""
+    return MERGE_COST.get(method, MERGE_COST["linear"])
 
 
 # 2-core CPU of the dev machine: (8192 x 4096)(4096 x 8192) in 4.2 s => 1.3e11 FLOP/s;

@@ -45,6 +45,7 @@ class UnitPlan:
     lap_problems: int
     lap_seconds: float  # one sweep, all peers, CPU
     sliced: dict[str, int] = field(default_factory=dict)  # tensor -> rows per slice
+    reread_bytes: int = 0  # read again by the observation passes of sliced tensors
     problem: str | None = None
     min_need_bytes: int = 0  # its smallest working set (one row per slice, one peer)
     min_need_what: str = ""  # which stage of which tensor needs it
@@ -266,6 +267,8 @@ def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConf
 
     # Every pass over every tensor: the largest working set, sliced by rows if it must be.
     merge_peak = 0
+    observing = 0 if config.method in ("pacer", "split_merge") else acct.observation_passes(
+        config.method, config.parameters.get("rescale"))
     for t in names:
         info = inputs[0].tensors[t]
         for what, work in _tensor_works(config, graph, unit, t, info, models, out_dtype):
@@ -281,6 +284,8 @@ def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConf
                 plan.min_need_bytes, plan.min_need_what = need, f"{what} {t}"
             if slices.sliced:
                 plan.sliced[t] = min(slices.rows, plan.sliced.get(t, slices.rows))
+                if what == "merging":
+                    plan.reread_bytes += observing * sum(m.tensors[t].nbytes for m in inputs)
             merge_peak = max(merge_peak, slices.bytes)
     plan.merge_ram_bytes = acct.PROCESS_BASE_BYTES + merge_peak
     if not aligning:
@@ -383,6 +388,7 @@ def _sample_stages(config: PlanConfig, merge_read: int, generates: bool) -> list
 def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
             aligning: bool, consensus_read: int, generates: bool) -> list[StagePlan]:
     merge_read = sum(u.merge_read_bytes for u in units)
+    reread = sum(u.reread_bytes for u in units)  # sliced tensors' observation passes
     write = sum(u.write_bytes for u in units)
     elems = sum(u.merge_read_bytes for u in units) / 2  # ~element-model pairs (2-byte average)
     stages = []
@@ -416,10 +422,11 @@ def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: Merg
         # Split-Merge writes μ in its second pass and η (≤ 12 bytes per selected entry) last
         out = {"variance-low": write, "eta": int(min(3 * density, 1) * write * 2)}.get(
             name, 0 if name in SPLIT_PASSES else write)
-        seconds = {dev: merge_read / rate.disk_read + out / rate.disk_write
+        read = merge_read + (reread if name == "merge" else 0)
+        seconds = {dev: read / rate.disk_read + out / rate.disk_write
                    + elems * cost / rate.merge_elems
                    for dev, rate in (("cpu", acct.CPU), ("gpu", acct.GPU))}
-        stages.append(StagePlan(name, 1, merge_read, out, seconds))
+        stages.append(StagePlan(name, 1, read, out, seconds))
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"] \
             and config.pacer["router_mode"] == "linear" and config.pacer["router"] is not None:
         # the router calibration reads back at most the blocks up to the last upcycled one

@@ -218,6 +218,7 @@ class TensorMerge:
             self.l1 = {k: BlockSum(rows, max(1, numel // max(1, rows)))
                        for k, d in enumerate(params.densities) if d < 1}
         self._l1_ratio: dict[int, float] = {}
+        self._blocks: list[dict] = [{} for _ in params.weights]  # sparsify.uniform_draws
         # DELLA ranks a vector (a tensor of < 2 axes) as one row: its magnitudes are
         # observed whole first (a vector is small), as a row slice cannot rank them.
         self.magnitudes = torch.zeros(len(params.weights), numel) \
@@ -348,12 +349,13 @@ class TensorMerge:
 
     def _draws(self, rows: tuple[int, int], k: int, dk: torch.Tensor) -> torch.Tensor:
         shape = self.shape if self.shape else (1,)
-        draws = uniform_draws(shape, rows, self.p.seed, self.name, k)
+        draws = uniform_draws(shape, rows, self.p.seed, self.name, k, self._blocks[k])
         return draws.reshape(dk.shape).to(dk.device)
 
     def _dare(self, rows: tuple[int, int], k: int, device: torch.device) -> torch.Tensor:
         shape = self.shape if self.shape else (1,)
-        keep = dare_keep(shape, rows, self.p.densities[k], self.p.seed, self.name, k)
+        keep = dare_keep(shape, rows, self.p.densities[k], self.p.seed, self.name, k,
+                         self._blocks[k])
         return keep.reshape(-1, *shape[1:]).to(device)
 
     def _dare_scale(self, k: int) -> float:

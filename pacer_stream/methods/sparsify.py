@@ -196,16 +196,20 @@ def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def dare_keep(shape: tuple[int, ...], rows: tuple[int, int], density: float, seed: int,
-              tensor: str, model: int) -> torch.Tensor:
+              tensor: str, model: int, blocks: dict | None = None) -> torch.Tensor:
     """DARE keep-mask for rows [start, stop) of a tensor (same bits for any slicing)."""
-    return uniform_draws(shape, rows, seed, tensor, model) < density
+    return uniform_draws(shape, rows, seed, tensor, model, blocks) < density
 
 
 def uniform_draws(shape: tuple[int, ...], rows: tuple[int, int], seed: int, tensor: str,
-                  model: int) -> torch.Tensor:
+                  model: int, blocks: dict | None = None) -> torch.Tensor:
     """U[0, 1) draws for rows [start, stop) of a tensor, from generators seeded by (seed,
     tensor, model, row block): the same numbers for any slicing. An entry is kept when
-    its draw is below its keep probability (DARE: density; DELLA: its own)."""
+    its draw is below its keep probability (DARE: density; DELLA: its own).
+
+    ``blocks`` (one dict per model and tensor) keeps the newest block drawn: a caller
+    going through the rows in order in pieces smaller than a block (the executor's
+    compute chunks) draws each block once, not once per piece."""
     start, stop = rows
     row_numel = 1
     for d in shape[1:]:
@@ -214,8 +218,13 @@ def uniform_draws(shape: tuple[int, ...], rows: tuple[int, int], seed: int, tens
     parts = []
     for block in range(start // block_rows, (stop - 1) // block_rows + 1 if stop > start else 0):
         b0, b1 = block * block_rows, min((block + 1) * block_rows, shape[0] if shape else 1)
-        gen = generator(seed, tensor, model, block)
-        draw = torch.rand((b1 - b0, *shape[1:]), generator=gen)
+        draw = blocks.get(block) if blocks is not None else None
+        if draw is None:
+            draw = torch.rand((b1 - b0, *shape[1:]), generator=generator(seed, tensor, model,
+                                                                          block))
+            if blocks is not None:
+                blocks.clear()
+                blocks[block] = draw
         parts.append(draw[max(start, b0) - b0:min(stop, b1) - b0])
     if not parts:
         return torch.zeros((0, *shape[1:]))
