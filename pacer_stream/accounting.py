@@ -65,7 +65,7 @@ TIES_BITS = 4  # per input and element: the int32 magnitude bits of TIES' select
 # read, the whole tensor or a slice, is widened to fp32 and merged in row chunks of this
 # size. Measured on 3 x 0.3B bf16 Llamas (benchmarks/bench_dense.py machine): ties 10.1 s
 # at 2^18, 11.2 s at 2^16, 12.3 s at 2^20 and 19.7 s at 2^22, where the buffers pass
-# the 8 MiB mmap threshold (executor.steady_allocator) and every chunk faults in fresh
+# the 8 MiB mmap threshold (memory.steady_allocator) and every chunk faults in fresh
 # pages; linear 4.1 / 4.3 / 6.6 / 7.5 s. Whole-tensor fp32 copies were the 2^22+ case.
 COMPUTE_CHUNK_ELEMS = 1 << 18
 

@@ -143,7 +143,8 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
     PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT, the output folder,
     is needed for a mergekit one and overrides a plan's output.path."""
     from .calibration import routing_line
-    from .executor import RunOptions, align_lines, run_merge
+    from .executor import RunOptions, run_merge
+    from .summary import align_lines
 
     if verbose and quiet:
         raise PacerError("--verbose and --quiet: choose one")
@@ -244,7 +245,8 @@ def analyze(inputs: tuple[str, ...], as_models: bool, output: Path, no_align: bo
     from .analyze import analyze as run_analysis, plan_for_models
     from .calibration import routing_line
     from .config import load_plan
-    from .executor import RunOptions, align_lines
+    from .executor import RunOptions
+    from .summary import align_lines
 
     if as_models:
         config = plan_for_models(list(inputs), align=not no_align)

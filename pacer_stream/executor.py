@@ -11,21 +11,17 @@ skips finished units and writes the same bytes.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import re
-import resource
 import shutil
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -64,6 +60,8 @@ from .self_samples import (end_tokens, generate, measured_on, sample_set, start_
                            writes_samples)
 from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import format_size
+from .memory import RssMonitor, peak_rss, return_freed_memory, steady_allocator
+from .summary import RunSummary
 from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
                     run_state_attributes)
 
@@ -87,172 +85,6 @@ class RunOptions:
     # how the run was asked for, for the model card: `pacer-stream run ...` argv (the options
     # that change the output), or the lines of a Python API call; not part of the fingerprint
     command: tuple[str, ...] | None = None
-
-
-def align_lines(align: dict | None, unconverged_only: bool = False) -> list[str]:
-    """One line per aligned peer of a report's "align" section: converged or stopped by the
-    cap, what moved per group kind, certificate hits. ``unconverged_only``: just the peers
-    whose record says the cap stopped them (``converged`` false)."""
-    lines = []
-    for label, peer in (align or {}).get("peers", {}).items():
-        # Stopped by the safety cap rather than converged: say it plainly, with the fix.
-        converged = peer.get("converged", True)
-        if unconverged_only and converged:
-            continue
-        kinds = ", ".join(f"{kind} {k['moved'] / k['slots']:.0%}" if k["slots"] else kind
-                          for kind, k in sorted(peer["kinds"].items()))
-        problems = sum(k["problems"] for k in peer["kinds"].values())
-        certified = sum(k["certified"] for k in peer["kinds"].values())
-        cap = peer.get("max_sweeps", peer["sweeps"])
-        status = (f"converged after {peer['sweeps']} sweep(s)" if converged else
-                  f"NOT converged after {peer['sweeps']} sweeps (cap max_sweeps = {cap})")
-        advice = "" if converged else ("; raise pacer.max_sweeps in the plan and run it "
-                                       "again with --restart")
-        lines.append(f"aligned {label}: {status}, moved {kinds}; "
-                     f"{certified}/{problems} assignments certified identity; objective "
-                     f"{peer['objective_before']:.4g} -> {peer['objective_after']:.4g}"
-                     + advice)
-    return lines
-
-
-@dataclass
-class RunSummary:
-    out_dir: Path
-    seconds: float = 0.0
-    read_bytes: int = 0
-    write_bytes: int = 0
-    peak_rss: int = 0
-    budget: int = 0
-    units_done: list[str] = field(default_factory=list)
-    units_skipped: list[str] = field(default_factory=list)
-    already_complete: bool = False
-    align: dict | None = None  # the report's "align" section, when the run aligned
-    pacer: dict | None = None  # the report's "pacer" section, when the run upcycled or could have
-    dense: dict | None = None  # the report's "dense" section (pacer runs)
-    vocabulary: dict | None = None  # and its "vocabulary" section
-
-    def align_lines(self) -> list[str]:
-        """One line per aligned peer (see :func:`align_lines`)."""
-        return align_lines(self.align)
-
-    def pacer_line(self) -> str | None:
-        """What PACER's phase 3 did: which blocks became experts, and the size it cost."""
-        if not self.pacer:
-            return None
-        d, growth = self.pacer["decision"], self.pacer["parameters"]["growth"]
-        worst = max(self.pacer["blocks"], key=lambda b: b.get("mlp", {}).get("interference", 0),
-                    default=None)
-        peak = (f"; highest MLP interference {worst['mlp']['interference']:.3f} at block "
-                f"{worst['layer']}" if worst and "mlp" in worst else "")
-        if self.pacer["exported_as"] == "dense":
-            return f"no MLP block upcycled ({d['note'] or d['mode']}){peak}"
-        target = self.pacer.get("target") or {}
-        cost = (f" (target llama.cpp: every block a MoE block; the default layout would be "
-                f"x{target['default_parameters'] / self.pacer['parameters']['source']:.3f})"
-                if "default_parameters" in target else "")
-        return (f"upcycled MLP blocks {d['blocks']} to {d['num_experts']} experts (top-{d['top_k']}"
-                f" router) -> {self.pacer['exported_as']}, parameters x{growth:.3f}{cost}{peak}")
-
-    def dense_line(self) -> str | None:
-        """PACER's dense rule, when samples changed it from the plain mean."""
-        dense, vocabulary = self.dense or {}, self.vocabulary
-        regmean = dense.get("rule") == "regmean"
-        if not regmean and not vocabulary:
-            return None
-        parts = []
-        if regmean:
-            parts.append(f"{dense['tensors']} linear layers by RegMean (alpha {dense['alpha']})")
-        if vocabulary:
-            parts.append(f"token rows by usage ({vocabulary['rows_used']} of "
-                         f"{vocabulary['rows']} rows seen)")
-        return f"dense layers: {'; '.join(parts)}, from {dense.get('samples', 'the samples')}"
-
-    def line(self) -> str:
-        if self.already_complete:
-            return f"{self.out_dir}: already complete, nothing to do"
-        rate = self.read_bytes / self.seconds if self.seconds > 0 else 0.0
-        skipped = f", {len(self.units_skipped)} resumed" if self.units_skipped else ""
-        return (f"merged {len(self.units_done)} units{skipped} in {self.seconds:.1f} s: read "
-                f"{format_size(self.read_bytes)} ({format_size(rate)}/s), wrote "
-                f"{format_size(self.write_bytes)}, peak RSS {format_size(self.peak_rss)} "
-                f"(budget {format_size(self.budget)}) -> {self.out_dir}")
-
-
-class RssMonitor:
-    """Samples this process's RSS in the background; ``peak`` is the highest seen."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._process = psutil.Process()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(interval)
-
-    def __enter__(self) -> "RssMonitor":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, peak_rss())
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to do
-        return None
-
-
-LIBC = _libc()
-MMAP_THRESHOLD = 1 << 23  # 8 MiB: larger blocks (slices) are mmapped, returned to the OS on free
-
-
-def steady_allocator() -> None:
-    """Fix glibc's mmap threshold at 8 MiB so freed slices leave the RSS at once.
-
-    Every run's slices are cut to fill the budget, so heap slack is budget overrun:
-    measured on three 618 MB Llamas (pacer, 978 MB budget) 942 MB peak with glibc's
-    default, 782 MB with this. Split-Merge: 350 MB against 376 MB with trimming alone
-    (three 450 MB models, 420 MB budget). Its time cost on dense merges is unsettled: an
-    earlier measurement put it at +14 %, the latest within the noise of this 2-core
-    machine (linear 6.1-10.0 s with it, 7.6-7.7 s without); the speed benchmark decides.
-    """
-    if LIBC is not None:
-        LIBC.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops its dynamic growth
-
-
-def return_freed_memory() -> None:
-    """Give the heap's free blocks back to the OS (glibc ``malloc_trim``), once per unit.
-
-    Blocks under the 8 MiB mmap threshold (see :func:`steady_allocator`) still come
-    from the heap, and freed ones would stay in the RSS (measured before the fixed
-    threshold: +120 MB over a Split-Merge of three 450 MB models). Trimming at unit
-    boundaries keeps the RSS at what the accounting plans for.
-    """
-    if LIBC is not None:
-        LIBC.malloc_trim(0)
-
-
-def peak_rss() -> int:
-    """The kernel's high-water mark of this process's RSS (catches spikes between samples).
-
-    VmHWM belongs to the current address space, so unlike ``ru_maxrss`` it does not
-    inherit the RSS of the parent that forked this process.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:

@@ -31,7 +31,9 @@ from tqdm import tqdm
 from . import failpoints
 from . import accounting as acct
 from .errors import PacerError
-from .executor import MergeJob, RssMonitor, RunSummary, return_freed_memory
+from .executor import MergeJob
+from .memory import RssMonitor, return_freed_memory
+from .summary import RunSummary
 from .export.dense import write_config
 from .io.header import DTYPES
 from .io.writer import OutTensor, ShardWriter, plan_shards, verify_shards, write_atomic

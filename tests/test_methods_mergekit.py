@@ -297,6 +297,7 @@ def coarse_family(fixtures: Path, tmp: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # twelve runs; the quick subset keeps test_method_matches_reference_*
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
 def test_dense_methods_give_the_same_bytes_whole_chunked_and_sliced(method, fixtures_dir,
                                                                    tmp_path, monkeypatch):

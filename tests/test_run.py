@@ -243,6 +243,27 @@ def test_mergekit_parity_when_installed():
     assert torch.equal(mask, ours)
 
 
+def test_select_finds_the_bin_of_the_kth_largest():
+    """sparsify._select: the bin b holding the k-th largest element (counts in bins >= b
+    reach k, in bins > b do not) and k's rank inside it, on sparse random histograms and
+    the edge ranks (0, 1, all)."""
+    from pacer_stream.methods.sparsify import HIST_BINS, _select
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+        filled = torch.randint(0, HIST_BINS, (int(torch.randint(1, 40, (1,), generator=gen)),),
+                               generator=gen)
+        hist[filled] = torch.randint(1, 100, (len(filled),), generator=gen)
+        total = int(hist.sum())
+        for k in (1, total, total // 2 + 1, int(torch.randint(1, total + 1, (1,), generator=gen))):
+            b, rank = _select(hist, k)
+            above = int(hist[b + 1:].sum())
+            assert above < k <= above + int(hist[b]), (k, b)
+            assert rank == k - above
+    assert _select(torch.zeros(HIST_BINS, dtype=torch.int64), 0) == (HIST_BINS - 1, 0)
+
+
 @pytest.mark.parametrize("case", ["random", "bf16-ties", "zeros", "nonfinite", "nan-heavy"])
 @pytest.mark.parametrize("slices", [1, 3])
 def test_prune_is_the_keep_mask_bit_for_bit(case, slices):
