@@ -38,7 +38,6 @@ from .export.llamacpp import (LLAMACPP, Place, TargetLayout, TargetWriter, check
                               llamacpp_target)
 from .export.moe import (MoeLayout, OutRecipe, moe_config, moe_model_type, moe_parameter_count,
                          moe_recipes)
-from .graph import source_index
 from .inputs import ModelSet
 from .io.header import DTYPES
 from .io.reader import CheckpointIndex
@@ -62,6 +61,7 @@ from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQ
 from .sizes import format_size
 from .memory import RssMonitor, peak_rss, return_freed_memory, steady_allocator
 from .summary import RunSummary
+from .tensor_reads import TensorReads, out_dtype_of, rows_of
 from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
                     run_state_attributes)
 
@@ -132,6 +132,8 @@ class MergeJob:
         self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
         self.tensor_params = self._tensor_params()
+        self.reads = TensorReads(models, params.method.name, self.out_dtype, self.budget,
+                                 bool(config.align), self.device, options.allow_nonfinite)
         self.shard_size = options.shard_size or config.output.shard_size
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
         self.moe_type = VIT_MOE if models.spec.family == "vit" else moe_model_type(
@@ -155,7 +157,6 @@ class MergeJob:
         self.regmean_solved = None  # their zarr group in the run state
         self._set_layout(None)
         self.summary = RunSummary(self.out_dir, budget=self.budget)
-        self.perms: dict[int, dict[str, torch.Tensor]] = {}  # by input index, once aligned
         self.align_report: dict | None = None
 
     # -- set-up -----------------------------------------------------------------
@@ -189,7 +190,7 @@ class MergeJob:
 
     def _shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every input tensor's output (dtype, shape), in the anchor's order."""
-        return {t: (_out_dtype(self.anchor.tensors[t].dtype, self.out_dtype),
+        return {t: (out_dtype_of(self.anchor.tensors[t].dtype, self.out_dtype),
                     tuple(self.anchor.tensors[t].shape)) for t in self.order}
 
     def _moe_layout(self, blocks: list[int], experts: int, top_k: int,
@@ -333,9 +334,9 @@ class MergeJob:
 
             def read_ahead(recipe: OutRecipe | None, current: OutRecipe | None):
                 if recipe is None or recipe.kind != "source" or \
-                        not self._may_read_ahead(current, recipe.source):
+                        not self.reads.may_read_ahead(current, recipe.source):
                     return None
-                return pool.submit(self._read_whole, recipe.source)
+                return pool.submit(self.reads.read_whole, recipe.source)
 
             pending = read_ahead(jobs[0][1], None) if jobs else None
             unit_start, unit_bytes = time.perf_counter(), 0
@@ -431,9 +432,9 @@ class MergeJob:
                     work = acct.stats_work(n, self.models.base is not None,
                                            self.models.widest_itemsize(name),
                                            bool(self.config.align))
-                    for rows in self._ranges(name, work=work):
-                        stats.add(*self._load(name, rows, check=True))
-                        self.summary.read_bytes += self._nbytes(name, rows)
+                    for rows in self.reads.ranges(name, work=work):
+                        stats.add(*self.reads.load(name, rows, check=True))
+                        self.summary.read_bytes += self.reads.nbytes(name, rows)
                 saved[unit.name] = {part: st.to_json() for part, st in parts.items()}
                 state.group.attrs["stats"] = saved
                 return_freed_memory()
@@ -473,9 +474,9 @@ class MergeJob:
             sums = self.prototypes.setdefault(
                 layer, torch.zeros(m, info.shape[1], dtype=torch.float64))
         read = 0
-        for rows in self._ranges(source, work=self._expert_work(source)):
-            x, _ = self._load(source, rows, check=True)
-            read += self._nbytes(source, rows)
+        for rows in self.reads.ranges(source, work=self.reads.expert_work(source)):
+            x, _ = self.reads.load(source, rows, check=True)
+            read += self.reads.nbytes(source, rows)
             means = expert_means(x, labels, m)
             if sums is not None:
                 consensus = x.mean(0)
@@ -616,7 +617,7 @@ class MergeJob:
         def reader(k: int):
             def read(name: str) -> torch.Tensor:
                 self.summary.read_bytes += self.anchor.tensors[name].nbytes
-                return self._read_model(k, name, None)
+                return self.reads.read_model(k, name, None)
             return read
 
         out_dtype = {n: DTYPES[self.out[n].dtype][0] for layer in targets.values() for n in layer}
@@ -793,7 +794,7 @@ class MergeJob:
     def _movement(self, layer: int) -> dict[str, float]:
         """Per peer, the fraction of this block's MLP units that alignment moved."""
         out = {}
-        for k, perms in sorted(self.perms.items()):
+        for k, perms in sorted(self.reads.perms.items()):
             perm = perms.get(f"block.{layer}/mlp")
             if perm is not None:
                 moved = (perm != torch.arange(perm.shape[-1])).float().mean().item()
@@ -814,7 +815,7 @@ class MergeJob:
             stage = AlignStage(graph, labels, anchor, self._read_device,
                                state.group.require_group("align"), self.budget, self.config.seed,
                                self.config.pacer["max_sweeps"], on_unit=lambda: bar.update(1))
-            self.perms = stage.run()
+            self.reads.perms = stage.run()
         self.align_report = {"anchor": labels[anchor], "peers_per_pass": stage.chunk_size,
                              "seconds_this_run": round(time.perf_counter() - started, 3),
                              "peers": stage.report()}
@@ -829,9 +830,9 @@ class MergeJob:
         """
         graph = self.models.graph
         outputs = []  # (peer, folder, writer, shards)
-        with tqdm(total=len(self.perms) * len(graph.units), unit="unit", desc="write aligned",
+        with tqdm(total=len(self.reads.perms) * len(graph.units), unit="unit", desc="write aligned",
                   disable=quiet, file=sys.stderr) as bar:
-            for k in sorted(self.perms):
+            for k in sorted(self.reads.perms):
                 index = self.inputs[k]
                 folder = self.out_dir / aligned_folder(k, index.label)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -844,7 +845,7 @@ class MergeJob:
                     key = f"aligned/{k}/{unit.name}"
                     if not state.is_done(key):
                         for name in (*unit.tensors, *unit.passthrough):
-                            writer.write(name, self._read_model(k, name, None))
+                            writer.write(name, self.reads.read_model(k, name, None))
                         writer.sync()
                         state.mark_done(key, {"peer": index.label})
                         self.summary.units_done.append(key)
@@ -985,79 +986,6 @@ class MergeJob:
 
     # -- one tensor ---------------------------------------------------------------
 
-    def _slices(self, name: str, copies: int | None = None,
-                work: acct.Work | None = None) -> acct.SlicePlan:
-        """Row slicing of a source tensor for ``work`` (default: merging it with the method;
-        with ``copies``: a pass holding that many fp32 copies of each slice)."""
-        info = self.anchor.tensors[name]
-        if work is None:
-            out_itemsize = DTYPES[_out_dtype(info.dtype, self.out_dtype)][1]
-            n, aligned = len(self.inputs), bool(self.config.align)
-            width = self.models.widest_itemsize(name)
-            work = acct.copies_work(copies, n, out_itemsize, width, aligned) if copies \
-                else acct.merge_work(self.params.method.name, n, out_itemsize, width,
-                                     aligned, acct.row_numel(info.shape or (1,)))
-        return acct.plan_tensor(info.shape, work, self.budget)
-
-    def _ranges(self, name: str, copies: int | None = None,
-                work: acct.Work | None = None) -> list[tuple[int, int]]:
-        plan = self._slices(name, copies, work)
-        return [(r, min(r + plan.rows, plan.total_rows)) for r in range(0, plan.total_rows, plan.rows)]
-
-    def _working_set(self, recipe: OutRecipe | None) -> int:
-        """Bytes the accounting gives producing ``recipe`` (what a read-ahead must fit beside)."""
-        if recipe is None or recipe.kind not in ("source", "expert"):
-            return 0  # routers and zero tensors: a few rows
-        info = self.anchor.tensors[recipe.source]
-        if recipe.kind == "expert":
-            return self._slices(recipe.source, work=self._expert_work(recipe.source)).bytes
-        if recipe.source in self.models.graph.passthrough or not info.is_float:
-            return acct.raw_bytes(info.numel, len(self.inputs),
-                                  self.models.widest_itemsize(recipe.source),
-                                  bool(self.config.align))
-        return self._slices(recipe.source).bytes
-
-    def _expert_work(self, name: str) -> acct.Work:
-        info = self.anchor.tensors[name]
-        out_itemsize = DTYPES[_out_dtype(info.dtype, self.out_dtype)][1]
-        return acct.expert_work(len(self.models.models), len(self.inputs), out_itemsize,
-                                self.models.widest_itemsize(name), bool(self.config.align))
-
-    def _may_read_ahead(self, current: OutRecipe | None, name: str) -> bool:
-        """Read ``name`` while ``current`` is produced only into room the budget has left."""
-        info = self.anchor.tensors[name]
-        return acct.read_ahead_fits(self._working_set(current), info.numel, len(self.inputs),
-                                    self.models.widest_itemsize(name), self.budget,
-                                    bool(self.config.align))
-
-    def _read_whole(self, name: str) -> list[torch.Tensor] | None:
-        """Raw copies of a tensor from every input, if it is merged unsliced (read-ahead)."""
-        if self._slices(name).sliced:
-            return None
-        return [self._read_model(k, name, None) for k in range(len(self.inputs))]
-
-    def _read(self, name: str, rows: tuple[int, int]) -> list[torch.Tensor]:
-        return [self._read_model(k, name, rows) for k in range(len(self.inputs))]
-
-    def _read_model(self, k: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        """Rows of one input's tensor, re-based onto the anchor when the run aligns."""
-        index = self.inputs[k]
-        node = self.models.graph.nodes.get(name)
-        perms = self.perms.get(k)
-        if perms is None or node is None:
-            return index.read(name, rows)
-        first = source_index(node.axes[0], perms) if node.axes else None
-        if first is None:
-            tensor = index.read(name, rows)
-        else:  # output rows come from scattered input rows: read them in contiguous runs
-            wanted = first if rows is None else first[rows[0]:rows[1]]
-            tensor = _read_rows(index, name, wanted)
-        for axis in range(1, len(node.axes)):
-            moved = source_index(node.axes[axis], perms)
-            if moved is not None:
-                tensor = tensor.index_select(axis, moved)
-        return tensor
-
     def params_for(self, name: str) -> MethodParams:
         """The method's values for one tensor: the plan's filters and layer gradients
         resolved for its name and block (methods/schedule.py)."""
@@ -1102,8 +1030,9 @@ class MergeJob:
         info = self.anchor.tensors[name]
         out = self.out[name]
         if name in self.models.graph.passthrough or not info.is_float:
-            copies = raw if raw is not None else self._read(name, (0, info.shape[0]))
-            self._check_equal(name, copies)
+            copies = raw if raw is not None else self.reads.read(name, (0, info.shape[0]))
+            self.reads.check_equal(name, copies)
+            self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
             writer.write(name, copies[0])
             return sum(c.numel() * c.element_size() for c in copies)
         if name in self.regmean_names:
@@ -1115,17 +1044,17 @@ class MergeJob:
         # compute on cache-sized row chunks of what was read: no method's result depends
         # on the slicing, and small buffers neither fault in fresh pages nor leave the cache.
         ranges = [(0, info.shape[0] if info.shape else 1)] if raw is not None \
-            else self._ranges(name)
+            else self.reads.ranges(name)
         read = sum(c.numel() * c.element_size() for c in raw) if raw is not None else 0
         for pass_name in [*merge.passes, "merge"]:
             for rows in ranges:
                 copies = raw
                 if copies is None:
-                    copies = self._read(name, rows) if info.shape else [
-                        self._read_model(k, name, None) for k in range(len(self.inputs))]
-                    read += self._nbytes(name, rows)
+                    copies = self.reads.read(name, rows) if info.shape else [
+                        self.reads.read_model(k, name, None) for k in range(len(self.inputs))]
+                    read += self.reads.nbytes(name, rows)
                 for part in acct.compute_chunks(info.shape, rows):
-                    x, base = self._to_compute(name, _rows_of(copies, part, rows[0]),
+                    x, base = self.reads.to_compute(name, rows_of(copies, part, rows[0]),
                                                check=pass_name == "merge")
                     anchor, d = merge.split(x, base)
                     if pass_name != "merge":
@@ -1142,45 +1071,6 @@ class MergeJob:
         self.summary.read_bytes += read
         return read
 
-    def _nbytes(self, name: str, rows: tuple[int, int]) -> int:
-        info = self.anchor.tensors[name]
-        per_row = info.nbytes // info.shape[0] if info.shape else info.nbytes
-        return per_row * (rows[1] - rows[0]) * len(self.inputs)
-
-    def _load(self, name: str, rows: tuple[int, int], check: bool):
-        info = self.anchor.tensors[name]
-        raw = self._read(name, rows) if info.shape else [
-            self._read_model(k, name, None) for k in range(len(self.inputs))]
-        return self._to_compute(name, raw, check)
-
-    def _to_compute(self, name: str, raw: list[torch.Tensor], check: bool):
-        """The models' copies as one fp32 [N, ...] tensor on the device; the base apart."""
-        n = len(self.models.models)
-        flat = [t.reshape(1, -1) if t.dim() == 0 else t for t in raw]
-        x = torch.empty((n, *flat[0].shape), dtype=torch.float32, device=self.device)
-        for k in range(n):
-            x[k].copy_(flat[k])  # converts to fp32 in the copy, no intermediate
-        base = flat[n].to(self.device, torch.float32) if len(flat) > n else None
-        if check and not self.options.allow_nonfinite:
-            for k, index in enumerate(self.inputs):
-                values = x[k] if k < n else base
-                if values.numel() == 0:
-                    continue
-                low, high = torch.aminmax(values)  # NaN propagates; Inf shows at an end
-                if not (torch.isfinite(low) and torch.isfinite(high)):
-                    raise PacerError(f"{index.label}: tensor {name!r} contains NaN or Inf; fix "
-                                     "the checkpoint or pass --allow-nonfinite to merge it anyway")
-        return x, base
-
-    def _check_equal(self, name: str, copies: list[torch.Tensor]) -> None:
-        for index, tensor in zip(self.inputs[1:], copies[1:]):
-            if not torch.equal(tensor, copies[0]):
-                raise PacerError(f"{index.label}: tensor {name!r} differs from "
-                                 f"{self.anchor.label}; non-float and passthrough tensors are "
-                                 "copied and must be equal across models")
-        self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
-
-
 BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -1193,34 +1083,6 @@ def aligned_folder(k: int, label: str) -> str:
     """Sub-folder of ``align: only`` output for input ``k``: its position and a safe name."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label.rstrip("/").split("/")[-1])
     return f"{k}-{safe}"
-
-
-def _rows_of(copies: list[torch.Tensor], part: tuple[int, int], first: int
-             ) -> list[torch.Tensor]:
-    """Rows ``part`` of each copy, which holds the rows from ``first`` on (views)."""
-    if copies[0].dim() == 0:
-        return copies
-    return [c[part[0] - first:part[1] - first] for c in copies]
-
-
-def _read_rows(index: CheckpointIndex, name: str, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` (any order) of a tensor, read as few contiguous runs as possible."""
-    if len(rows) == 0:
-        return index.read(name, (0, 0))
-    order = torch.argsort(rows)
-    ranked = rows[order]
-    breaks = (torch.nonzero(ranked[1:] != ranked[:-1] + 1).reshape(-1) + 1).tolist()
-    starts = [0, *breaks]
-    ends = [*breaks, len(ranked)]
-    parts = [index.read(name, (int(ranked[a]), int(ranked[b - 1]) + 1)) for a, b in zip(starts, ends)]
-    sorted_rows = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return sorted_rows[torch.argsort(order)]
-
-
-def _out_dtype(in_dtype: str, out_dtype: str | None) -> str:
-    from .io.header import FLOAT_DTYPES
-
-    return out_dtype if (out_dtype and in_dtype in FLOAT_DTYPES) else in_dtype
 
 
 def _clear(folder: Path, keep: tuple[Path, ...] = ()) -> None:

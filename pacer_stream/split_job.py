@@ -147,7 +147,7 @@ class SplitMergeJob(MergeJob):
     def _gram_ranges(self, name: str) -> list[tuple[int, int]]:
         """Row slices for the Gram pass: whole fixed row groups, so G sums the same way
         under any budget (a slice never splits a group; at least one group a slice)."""
-        plan = self._slices(name, split_copies(len(self.inputs)))
+        plan = self.reads.slices(name, split_copies(len(self.inputs)))
         info = self.anchor.tensors[name]
         rows = gram_slice_rows(plan.rows, plan.total_rows, acct.row_numel(info.shape))
         return [(r, min(r + rows, plan.total_rows)) for r in range(0, plan.total_rows, rows)]
@@ -158,18 +158,19 @@ class SplitMergeJob(MergeJob):
         for tensor in (*unit.tensors, *unit.passthrough):
             if tensor not in self.float_names:
                 if name == "variance-low":
-                    copies = [self._read_model(k, tensor, None) for k in range(len(self.inputs))]
-                    self._check_equal(tensor, copies)
+                    copies = [self.reads.read_model(k, tensor, None) for k in range(len(self.inputs))]
+                    self.reads.check_equal(tensor, copies)
+                    self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
                     self.mu_writer.write(tensor, copies[0])
                 continue
             offset = 0
             info = graph.nodes[tensor].info
             row_numel = acct.row_numel(info.shape)
             ranges = self._gram_ranges(tensor) if name == "gram" else \
-                self._ranges(tensor, split_copies(len(self.inputs)))
+                self.reads.ranges(tensor, split_copies(len(self.inputs)))
             for rows in ranges:
-                x, _ = self._load(tensor, rows, check=name == PASSES[0])
-                self.summary.read_bytes += self._nbytes(tensor, rows)
+                x, _ = self.reads.load(tensor, rows, check=name == PASSES[0])
+                self.summary.read_bytes += self.reads.nbytes(tensor, rows)
                 mu, delta = deviations(x)
                 bits = variance_bits(delta)
                 if name == "variance-high":

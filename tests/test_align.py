@@ -339,24 +339,22 @@ def test_accumulators_that_do_not_fit_are_aligned_in_passes(tmp_path):
 def test_sliced_reads_of_a_permuted_peer_match_whole_reads(fixtures_dir, tmp_path):
     """Row slices of a re-based peer (scattered source rows) equal slices of the whole."""
     from pacer_stream.config import parse_plan
-    from pacer_stream.executor import MergeJob, RunOptions
-    from pacer_stream.methods.dense import MethodParams
+    from pacer_stream.tensor_reads import TensorReads
 
     base = fixtures_dir / "llama"
     config = parse_plan({"models": [str(base / "ft3"), str(base / "perm")], "method": "linear",
                          "align": True, "output": {"path": str(tmp_path / "out")}})
     models = ModelSet.from_plan(config)
-    job = MergeJob(config, models, MethodParams.resolve("linear", config.models, {}, 0),
-                   RunOptions(budget=BUDGET))
-    job.perms = {1: models.graph.random_perms(torch.Generator().manual_seed(1))}
+    reads = TensorReads(models, "linear", None, BUDGET, True, torch.device("cpu"), False)
+    reads.perms = {1: models.graph.random_perms(torch.Generator().manual_seed(1))}
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight",
                  "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
-        whole = job._read_model(1, name, None)
+        whole = reads.read_model(1, name, None)
         assert torch.equal(whole, models.graph.permute(name, models.models[1].read(name),
-                                                       job.perms[1]))
+                                                       reads.perms[1]))
         rows = whole.shape[0]
         for start, stop in ((0, 1), (3, rows // 2), (rows // 2, rows), (5, 5)):
-            assert torch.equal(job._read_model(1, name, (start, stop)), whole[start:stop]), name
+            assert torch.equal(reads.read_model(1, name, (start, stop)), whole[start:stop]), name
 
 
 @pytest.mark.slow
