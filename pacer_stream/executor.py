@@ -48,9 +48,7 @@ from .lock import LOCK_FILE, OutputLock
 from .regmean_pass import INPUT_OF_ROLE, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
 from .methods import schedule
-from .slices import roles
 from .methods.dense import METHODS, MethodParams, pacer_dense
-from .methods.registry import listed_base, tensor_merge
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
@@ -61,7 +59,8 @@ from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQ
 from .sizes import format_size
 from .memory import RssMonitor, peak_rss, return_freed_memory, steady_allocator
 from .summary import RunSummary
-from .tensor_reads import TensorReads, out_dtype_of, rows_of
+from .tensor_reads import TensorReads, out_dtype_of
+from .dense_stage import DenseStage
 from .state import (STATE_DIR, PassCheckpoint, RunState, fingerprint, is_foreign,
                     run_state_attributes)
 
@@ -105,7 +104,8 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
         params = MethodParams.resolve("linear", config.models, parameters, config.seed)
         job: MergeJob = SplitMergeJob(config, models, params, options)
     else:
-        # the values outside any filter and at t = 0 (each tensor gets its own: params_for)
+        # the values outside any filter and at t = 0 (each tensor gets its own:
+        # DenseStage.params_for)
         params = MethodParams.resolve(
             method, [schedule.resolve(e.parameters, "", 0.0) for e in config.models],
             schedule.resolve(parameters, "", 0.0), config.seed)
@@ -131,9 +131,9 @@ class MergeJob:
         self.out_dtype = OUT_DTYPES.get(config.output.dtype)
         self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
         self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
-        self.tensor_params = self._tensor_params()
         self.reads = TensorReads(models, params.method.name, self.out_dtype, self.budget,
                                  bool(config.align), self.device, options.allow_nonfinite)
+        self.dense = DenseStage(config, models, params, self.reads)  # checks every tensor's values
         self.shard_size = options.shard_size or config.output.shard_size
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
         self.moe_type = VIT_MOE if models.spec.family == "vit" else moe_model_type(
@@ -226,7 +226,8 @@ class MergeJob:
     def _fingerprint(self) -> str:
         return fingerprint({
             "tool": __version__, "method": self.config.method, "params": self._param_record(),
-            # every setting as written (filters, gradients, slices): what params_for resolves
+            # every setting as written (filters, gradients, slices): what
+            # DenseStage.params_for resolves
             "settings": {"parameters": self.config.parameters,
                          "models": [e.parameters for e in self.config.models],
                          "slices": [[[s.ref.text, s.start, s.end, s.entry.parameters]
@@ -986,49 +987,9 @@ class MergeJob:
 
     # -- one tensor ---------------------------------------------------------------
 
-    def params_for(self, name: str) -> MethodParams:
-        """The method's values for one tensor: the plan's filters and layer gradients
-        resolved for its name and block (methods/schedule.py)."""
-        return self.tensor_params.get(name, self.params)
-
-    def _tensor_params(self) -> dict[str, MethodParams]:
-        """Every merged tensor's values when the plan has filters, gradients or slices,
-        resolved (and checked, e.g. weights that sum to zero) before anything is written."""
-        config = self.config
-        if not (config.slices or schedule.varies(config.parameters)
-                or any(schedule.varies(e.parameters) for e in config.models)):
-            return {}
-        out = {}
-        for unit in self.models.graph.units:
-            models, plan, t = self._settings(unit)
-            for name in unit.tensors:
-                try:
-                    out[name] = MethodParams.resolve(
-                        self.params.method.name, [schedule.resolve(m, name, t) for m in models],
-                        schedule.resolve(plan, name, t), config.seed)
-                except PacerError as exc:
-                    raise PacerError(f"{name}: {exc}") from None
-        return out
-
-    def _settings(self, unit) -> tuple[list[dict], dict, float]:
-        """A unit's settings: each model's, the plan's, and the unit's t for gradients
-        (block i of L at i / (L - 1); in a sliced plan, within its slice: slices.py)."""
-        config, graph = self.config, self.models.graph
-        if not config.slices:
-            return ([e.parameters for e in config.models], config.parameters,
-                    schedule.layer_position(unit.layer, graph.dims["layers"]))
-        place = self.models.placements[unit.layer] if unit.layer is not None else None
-        piece_index = place.piece if place else (0 if unit.kind == "embed" else -1)
-        piece = config.slices[piece_index]
-        merged, _ = roles(piece, config.base_model, f"slices[{piece_index}]")
-        return ([piece.sources[i].entry.parameters for i in merged],
-                schedule.first_then(piece.parameters, config.parameters),
-                place.t if place else 0.0)
-
     def _merge_tensor(self, name: str, raw: list[torch.Tensor] | None, writer: ShardWriter) -> int:
         """Merge one tensor into the writer; returns the bytes read."""
         info = self.anchor.tensors[name]
-        out = self.out[name]
         if name in self.models.graph.passthrough or not info.is_float:
             copies = raw if raw is not None else self.reads.read(name, (0, info.shape[0]))
             self.reads.check_equal(name, copies)
@@ -1038,38 +999,11 @@ class MergeJob:
         if name in self.regmean_names:
             self._write_solved(name, writer)
             return 0
-        merge = tensor_merge(name, info.shape, self.params_for(name), self.vocab_rows.get(name),
-                             listed_base(self.config))
-        # Read in slices the budget allows (the whole tensor, or all of it read ahead);
-        # compute on cache-sized row chunks of what was read: no method's result depends
-        # on the slicing, and small buffers neither fault in fresh pages nor leave the cache.
-        ranges = [(0, info.shape[0] if info.shape else 1)] if raw is not None \
-            else self.reads.ranges(name)
-        read = sum(c.numel() * c.element_size() for c in raw) if raw is not None else 0
-        for pass_name in [*merge.passes, "merge"]:
-            for rows in ranges:
-                copies = raw
-                if copies is None:
-                    copies = self.reads.read(name, rows) if info.shape else [
-                        self.reads.read_model(k, name, None) for k in range(len(self.inputs))]
-                    read += self.reads.nbytes(name, rows)
-                for part in acct.compute_chunks(info.shape, rows):
-                    x, base = self.reads.to_compute(name, rows_of(copies, part, rows[0]),
-                                               check=pass_name == "merge")
-                    anchor, d = merge.split(x, base)
-                    if pass_name != "merge":
-                        merge.observe(pass_name, part, d)
-                        continue
-                    merged = merge.merge(part, anchor, d)
-                    result = merged.to(DTYPES[out.dtype][0]).cpu()
-                    writer.write(name, result.reshape(part[1] - part[0], *info.shape[1:])
-                                 if info.shape else result.reshape(()), first_row=part[0])
-                    del merged, result, x, d, anchor, base
-                del copies  # not alive while the next slice is read
-        if raw is not None:
-            raw.clear()  # the caller's list too
+        read = self.dense.merge_tensor(name, raw, writer, self.out[name].dtype,
+                                       self.vocab_rows.get(name))
         self.summary.read_bytes += read
         return read
+
 
 BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
