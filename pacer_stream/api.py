@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from .config import parse_plan
 from .errors import PacerError
-from .executor import RunOptions, run_merge
+from .executor import RunOptions
+from .run import run_merge
 from .sizes import parse_size
 
 

@@ -143,7 +143,8 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
     PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT, the output folder,
     is needed for a mergekit one and overrides a plan's output.path."""
     from .calibration import routing_line
-    from .executor import RunOptions, run_merge
+    from .executor import RunOptions
+    from .run import run_merge
     from .summary import align_lines
 
     if verbose and quiet:

@@ -44,20 +44,19 @@ from .io.reader import CheckpointIndex
 from .io.writer import OutTensor, ShardWriter, plan_shards, write_atomic
 from .calibration import (RouterCalibration, SampleSet, TensorCache, activation_bytes,
                           image_samples, text_samples, text_tokenizer)
-from .lock import LOCK_FILE, OutputLock
+from .lock import LOCK_FILE
 from .regmean_pass import INPUT_OF_ROLE, RegMeanPass, block_bytes
 from .methods.consensus import PartStats, model_similarity, part_of
-from .methods import schedule
-from .methods.dense import METHODS, MethodParams, pacer_dense
+from .methods.dense import MethodParams
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
 from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
-from .preflight import check_clear_allowed, check_run
+from .preflight import check_clear_allowed
 from .self_samples import (end_tokens, generate, measured_on, sample_set, start_token,
                            writes_samples)
 from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import format_size
-from .memory import RssMonitor, peak_rss, return_freed_memory, steady_allocator
+from .memory import RssMonitor, peak_rss, return_freed_memory
 from .summary import RunSummary
 from .tensor_reads import TensorReads, out_dtype_of
 from .dense_stage import DenseStage
@@ -84,38 +83,6 @@ class RunOptions:
     # how the run was asked for, for the model card: `pacer-stream run ...` argv (the options
     # that change the output), or the lines of a Python API call; not part of the fingerprint
     command: tuple[str, ...] | None = None
-
-
-def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
-    """Run a dense merge described by ``config``."""
-    method, parameters = config.method, config.parameters
-    if method == "pacer":
-        method, parameters = pacer_dense(config)
-    if method not in METHODS and method != "split_merge":
-        raise PacerError(f"method {method!r} is not available in `run` yet "
-                         f"(available: pacer, split_merge, {', '.join(METHODS)})")
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise PacerError("--device cuda: no CUDA device is available; use --device cpu")
-    models = ModelSet.from_plan(config)
-    steady_allocator()  # slices are sized to the budget: no slack for heap growth
-    if method == "split_merge":
-        from .split_job import SplitMergeJob
-
-        params = MethodParams.resolve("linear", config.models, parameters, config.seed)
-        job: MergeJob = SplitMergeJob(config, models, params, options)
-    else:
-        # the values outside any filter and at t = 0 (each tensor gets its own:
-        # DenseStage.params_for)
-        params = MethodParams.resolve(
-            method, [schedule.resolve(e.parameters, "", 0.0) for e in config.models],
-            schedule.resolve(parameters, "", 0.0), config.seed)
-        job = MergeJob(config, models, params, options)
-    # everything knowable is checked before the output folder is created or touched
-    check_run(config, models, options.state_dir, options.budget, options.device)
-    job.load_router_samples()
-    job.check_output()
-    with OutputLock(config.output.path):
-        return job.run()
 
 
 class MergeJob:
