@@ -90,12 +90,11 @@ class DenseStage:
             for rows in ranges:
                 copies = raw
                 if copies is None:
-                    copies = self.reads.read(name, rows) if info.shape else [
-                        self.reads.read_model(k, name, None) for k in range(len(self.reads.inputs))]
+                    copies = self.reads.read(name, rows)
                     read += self.reads.nbytes(name, rows)
                 for part in acct.compute_chunks(info.shape, rows):
                     x, base = self.reads.to_compute(name, rows_of(copies, part, rows[0]),
-                                               check=pass_name == "merge")
+                                                    check=pass_name == "merge")
                     anchor, d = merge.split(x, base)
                     if pass_name != "merge":
                         merge.observe(pass_name, part, d)

@@ -92,14 +92,12 @@ class MergeJob:
         self.budget = options.budget or default_budget()
         self.out_dir = config.output.path
         self.device = torch.device(options.device)
-        self.anchor = models.models[0]
-        self.inputs: list[CheckpointIndex] = models.models + (
-            [models.base] if models.base is not None else [])
         self.out_dtype = OUT_DTYPES.get(config.output.dtype)
-        self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
-        self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
         self.reads = TensorReads(models, params.method.name, self.out_dtype, self.budget,
                                  bool(config.align), self.device, options.allow_nonfinite)
+        self.anchor, self.inputs = self.reads.anchor, self.reads.inputs  # the models, then base
+        self.order = [t for u in models.graph.units for t in (*u.tensors, *u.passthrough)]
+        self.unit_of = {t: u.name for u in models.graph.units for t in (*u.tensors, *u.passthrough)}
         self.dense = DenseStage(config, models, params, self.reads)  # checks every tensor's values
         self.shard_size = options.shard_size or config.output.shard_size
         self.upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
@@ -960,9 +958,10 @@ class MergeJob:
         if name in self.models.graph.passthrough or not info.is_float:
             copies = raw if raw is not None else self.reads.read(name, (0, info.shape[0]))
             self.reads.check_equal(name, copies)
-            self.summary.read_bytes += sum(c.numel() * c.element_size() for c in copies)
+            read = sum(c.numel() * c.element_size() for c in copies)
+            self.summary.read_bytes += read
             writer.write(name, copies[0])
-            return sum(c.numel() * c.element_size() for c in copies)
+            return read
         if name in self.regmean_names:
             self._write_solved(name, writer)
             return 0

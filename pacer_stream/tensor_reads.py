@@ -84,7 +84,9 @@ class TensorReads:
         return [self.read_model(k, name, None) for k in range(len(self.inputs))]
 
     def read(self, name: str, rows: tuple[int, int]) -> list[torch.Tensor]:
-        return [self.read_model(k, name, rows) for k in range(len(self.inputs))]
+        """Rows of every input's copy (a scalar, which has no rows, whole)."""
+        span = rows if self.anchor.tensors[name].shape else None
+        return [self.read_model(k, name, span) for k in range(len(self.inputs))]
 
     def read_model(self, k: int, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """Rows of one input's tensor, re-based onto the anchor when the run aligns."""
@@ -111,10 +113,7 @@ class TensorReads:
         return per_row * (rows[1] - rows[0]) * len(self.inputs)
 
     def load(self, name: str, rows: tuple[int, int], check: bool):
-        info = self.anchor.tensors[name]
-        raw = self.read(name, rows) if info.shape else [
-            self.read_model(k, name, None) for k in range(len(self.inputs))]
-        return self.to_compute(name, raw, check)
+        return self.to_compute(name, self.read(name, rows), check)
 
     def to_compute(self, name: str, raw: list[torch.Tensor], check: bool):
         """The models' copies as one fp32 [N, ...] tensor on the device; the base apart."""
