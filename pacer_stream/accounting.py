@@ -380,3 +380,9 @@ def read_ahead_fits(current: int, numel: int, n_inputs: int, in_itemsize: int,
     """Whether the next tensor may be read while the current one (``current`` bytes of
     working set) is merged: only into room the budget has left."""
     return current + raw_bytes(numel, n_inputs, in_itemsize, aligned) <= usable(budget)
+
+
+def split_copies(n: int) -> int:
+    """fp32 copies of a slice a Split-Merge pass holds: the n deviations, their squares
+    (variance), and the selected deviations with their fp64 chunks (gram, eta)."""
+    return 2 * n + 2

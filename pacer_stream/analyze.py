@@ -20,12 +20,18 @@ from pathlib import Path
 
 from .config import PlanConfig, parse_plan
 from .errors import PacerError
-from .executor import REPORT, MergeJob, RunOptions
+from .backends.local import LocalBackend
+from .executor import Runner
 from .inputs import ModelSet
 from .io.writer import write_atomic
 from .methods.dense import MethodParams, pacer_dense
+from .job import MergeContext, RunOptions
 from .planner import make_plan, require_fit
 from .preflight import check_outside_inputs
+from .report import REPORT, pacer_report
+from .stages.align import AlignStage
+from .stages.consensus import ConsensusStage
+from .stages.upcycle import UpcycleStage
 from .state import RunState
 
 SELECTED = "#d62728"  # bars of the blocks the policy would upcycle
@@ -52,14 +58,13 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     require_fit(make_plan(config, models, options.budget, options.device))
     output.parent.mkdir(parents=True, exist_ok=True)
     params = MethodParams.resolve(pacer_dense(config)[0], config.models, {}, config.seed)
-    job = MergeJob(config, models, params, options)
-    state = RunState.open(state_dir, job._fingerprint(), restart=options.restart)
-    quiet = options.quiet
-    if config.align:
-        job._align(state, quiet)
-    job._upcycle(state, quiet)
+    ctx = MergeContext(config, models, params, options)
+    runner = Runner(ctx, RunState.open(state_dir, ctx.fingerprint(), restart=options.restart),
+                    LocalBackend(), options.quiet)
+    for stage in [AlignStage()] * bool(config.align) + [ConsensusStage(), UpcycleStage()]:
+        runner.run(stage)
     report = {"models": [m.label for m in models.models], "family": models.spec.family,
-              "align": job.align_report, **job._pacer_report()}
+              "align": ctx.align_report, **pacer_report(ctx)}
     report["router"] = finished_router(config)
     write_atomic(output, json.dumps(report, indent=1, sort_keys=True) + "\n")
     report["figure"] = draw(report, output.with_suffix(".png"))

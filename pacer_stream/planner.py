@@ -338,9 +338,7 @@ def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
         return [("copying", acct.Work(acct.raw_bytes(1, n_inputs, b, aligned)))]
     out_size = ITEMSIZE[out_dtype or info.dtype]
     if config.method == "split_merge":
-        from .split_job import split_copies
-
-        work = acct.copies_work(split_copies(n_inputs), n_inputs, out_size, b, aligned)
+        work = acct.copies_work(acct.split_copies(n_inputs), n_inputs, out_size, b, aligned)
         return [("a Split-Merge pass over", work)]
     dense = config.method
     if config.method == "pacer":

@@ -145,7 +145,7 @@ def whole_embedding_budget(method: str, n: int = 3) -> int:
     """The smallest budget that merges the [32000, 512] bf16 embedding in one piece:
     its working set then fills the budget's share for tensors."""
     numel = 32000 * 512
-    from pacer_stream.split_job import split_copies
+    from pacer_stream.accounting import split_copies
 
     work = acct.copies_work(split_copies(n), n, 2, 2) if method == "split_merge" else \
         acct.merge_work(method, n, 2, 2)

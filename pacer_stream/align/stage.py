@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from ..graph import GLOBAL, MergeGraph
 from ..seeding import generator
 from ..sizes import at_least, format_size
 from .cost import inner_product
-from .matcher import KindStats, PeerStats, align_unit, count_moved, residual_cost, solve
+from .matcher import (KindStats, PeerStats, align_unit, count_moved, local_groups,
+                      residual_cost, solve)
 
 # (model index, tensor name) -> the tensor on the device, in its own dtype (costs convert
 # one tensor at a time to fp32, so a unit is held at its stored size)
@@ -86,10 +87,12 @@ class AlignStage:
 
     def __init__(self, graph: MergeGraph, labels: list[str], anchor: int, read: Reader,
                  store: zarr.Group, budget: int, seed: int, max_sweeps: int,
-                 on_unit: Callable[[], None] = lambda: None) -> None:
+                 on_unit: Callable[[], None] = lambda: None,
+                 map_units: UnitMap | None = None) -> None:
         self.graph, self.labels, self.anchor, self.read = graph, labels, anchor, read
         self.store, self.seed, self.max_sweeps = store, seed, max_sweeps
         self.on_unit = on_unit
+        self.map_units = map_units or self._map_here
         self.peers = [k for k in range(len(labels)) if k != anchor]
         self.units = [u for u in graph.units if u.tensors]
         self.d = graph.groups[GLOBAL].size
@@ -126,31 +129,32 @@ class AlignStage:
         return {p: self._load_final(p) for p in self.peers}
 
     def _sweep(self, chunk: list[int], progress: Progress, perms, acc, info) -> None:
+        """One pass over the units still to do in this sweep: each unit's share mapped (here,
+        or one task a unit on a cluster), folded in unit order, so the sums and the
+        checkpoints are the same wherever the units ran."""
         active = [p for p in chunk if not info[p]["converged"]]
-        for ui in range(progress.next_unit, len(self.units)):
-            unit = self.units[ui]
-            anchor = UnitTensors(self.read, self.anchor, unit.tensors)
+        units = [u.name for u in self.units[progress.next_unit:]]
+        sweep = Sweep(self.labels, self.anchor, self.seed, progress.sweep,
+                      {p: perms[p] for p in active})
+        for ui, shares in enumerate(self.map_units(sweep, units), start=progress.next_unit):
             for p in active:
-                peer = UnitTensors(self.read, p, unit.tensors)
-                before = None
-                if progress.sweep == 0:  # unpermuted: no permutation given, no copies made
-                    before = inner_product(self.graph, anchor, peer, {})
-                    info[p]["objective_before"] += before
-                stats = PeerStats(_kinds(info[p]))
-                gen = generator(self.seed, "align", self.labels[p], unit.name, progress.sweep)
-                align_unit(self.graph, unit.name, anchor, peer, perms[p], gen, stats)
-                info[p]["rounds"] += stats.rounds
-                _store_kinds(info[p], stats)
-                # nothing moved yet (fine-tunes of one base): the same sum as before's
-                info[p]["objective"] += before if before is not None and _identity(perms[p]) \
-                    else inner_product(self.graph, anchor, peer, perms[p])
-                acc[p] += residual_cost(self.graph, anchor, peer, perms[p]).double().cpu()
-                del peer
-            del anchor
+                share = shares[p]
+                perms[p].update(share.perms)
+                record = info[p]
+                if share.before is not None:
+                    record["objective_before"] += share.before
+                record["rounds"] += share.rounds
+                _add_kinds(record, share.kinds)
+                record["objective"] += share.objective
+                acc[p] += share.residual
             progress.next_unit = ui + 1
             failpoints.hit("align-unit")
             self._checkpoint(progress, perms, acc, info)
             self.on_unit()
+
+    def _map_here(self, sweep: "Sweep", units: list[str]):
+        for unit in units:
+            yield unit_shares(self.graph, self.read, sweep, unit)
 
     def _finish_sweep(self, chunk: list[int], progress: Progress, perms, acc, info) -> None:
         for p in chunk:
@@ -243,6 +247,70 @@ class AlignStage:
             out[gid] = torch.from_numpy(np.array(flat[at:at + size])).reshape(*g.batch, g.size)
             at += size
         return out
+
+
+@dataclass
+class Sweep:
+    """What every unit of one sweep is aligned with: the peers still moving and their
+    permutations as the sweep began (a unit changes only its own groups')."""
+
+    labels: list[str]
+    anchor: int
+    seed: int
+    number: int
+    perms: dict[int, dict[str, torch.Tensor]]
+
+
+@dataclass
+class UnitShare:
+    """One unit's share of a sweep for one peer."""
+
+    perms: dict[str, torch.Tensor]  # the unit's local groups, solved
+    before: float | None  # the unpermuted objective (first sweep only)
+    objective: float
+    residual: torch.Tensor  # fp64 [d, d]: the unit's share of the residual cost
+    rounds: int
+    kinds: dict[str, dict]
+
+
+def unit_shares(graph: MergeGraph, read: Reader, sweep: Sweep, unit: str) -> dict[int, UnitShare]:
+    """Align one unit's local groups of every moving peer, given the residual permutation,
+    and its share of the objective and the residual cost. Depends on nothing but the
+    unit's tensors and ``sweep``: the same answer in any process."""
+    names = next(u for u in graph.units if u.name == unit).tensors
+    anchor = UnitTensors(read, sweep.anchor, names)
+    out = {}
+    for p, given in sweep.perms.items():
+        perms = dict(given)
+        peer = UnitTensors(read, p, names)
+        before = None
+        if sweep.number == 0:  # unpermuted: no permutation given, no copies made
+            before = inner_product(graph, anchor, peer, {})
+        stats = PeerStats({})
+        gen = generator(sweep.seed, "align", sweep.labels[p], unit, sweep.number)
+        align_unit(graph, unit, anchor, peer, perms, gen, stats)
+        # nothing moved yet (fine-tunes of one base): the same sum as before's
+        objective = before if before is not None and _identity(perms) \
+            else inner_product(graph, anchor, peer, perms)
+        residual = residual_cost(graph, anchor, peer, perms).double().cpu()
+        local = {gid: perms[gid] for gid in local_groups(graph, unit)}
+        record: dict = {"kinds": {}}
+        _store_kinds(record, stats)
+        out[p] = UnitShare(local, before, objective, residual, stats.rounds, record["kinds"])
+        del peer
+    return out
+
+
+# how the sweeps get every unit's shares, in unit order (AlignStage._map_here, or a backend)
+UnitMap = Callable[[Sweep, list[str]], Iterator[dict[int, UnitShare]]]
+
+
+def _add_kinds(record: dict, kinds: dict[str, dict]) -> None:
+    for kind, add in kinds.items():
+        into = record["kinds"].setdefault(kind, {"problems": 0, "certified": 0, "slots": 0,
+                                                 "moved": 0, "seconds": 0.0})
+        for key, value in add.items():
+            into[key] += value
 
 
 def peers_per_pass(d: int, unit_need: int, budget: int, peers: int) -> int:

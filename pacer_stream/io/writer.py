@@ -63,6 +63,21 @@ def plan_shards(tensors: list[OutTensor], shard_size: int, stem: str = "model",
 
     A tensor larger than the shard size gets a shard of its own.
     """
+    return _named(_packed(tensors, shard_size), stem, metadata)
+
+
+def plan_unit_shards(units: list[list[OutTensor]], shard_size: int, stem: str = "model",
+                     metadata: dict | None = None) -> list[Shard]:
+    """Pack each unit's tensors into shards of their own (``--shard-layout unit``): no shard
+    holds two units' tensors, so units written at once (the Ray backend's tasks) never
+    write one file. A unit over ``shard_size`` gets several shards, as in :func:`plan_shards`.
+    """
+    groups = [group for tensors in units if tensors
+              for group in _packed(tensors, shard_size)]
+    return _named(groups or [[]], stem, metadata)
+
+
+def _packed(tensors: list[OutTensor], shard_size: int) -> list[list[OutTensor]]:
     groups: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -71,6 +86,10 @@ def plan_shards(tensors: list[OutTensor], shard_size: int, stem: str = "model",
             size = 0
         groups[-1].append(t)
         size += t.nbytes
+    return groups
+
+
+def _named(groups: list[list[OutTensor]], stem: str, metadata: dict | None) -> list[Shard]:
     count = len(groups)
     shards = []
     for i, group in enumerate(groups, start=1):

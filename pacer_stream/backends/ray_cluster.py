@@ -1,0 +1,129 @@
+"""The Ray backend: a unit stage's units as Ray tasks, on machines that share storage.
+
+The driver (this process) keeps the RunState and folds results in unit order, so the
+bookkeeping, the sums and therefore the bytes are the local run's. Each task builds the
+run's context from the plan (headers only, cached per worker process), adopts what the
+earlier stages handed on (``stage.shared``: permutations, the decision, vocabulary
+rows), and runs one unit: it reads the inputs and writes its unit's own shard files
+(``--shard-layout unit``: no two tasks write one file). A task asks Ray for the memory
+the accounting gives its unit, the same figure that sizes its reads, so Ray places no
+more tasks on a machine than fit. A worker that dies mid-unit is retried by Ray (the
+unit's slots are simply written again); a driver that dies leaves the state as a local
+run would, and the next run resumes it.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+from ..errors import PacerError
+from ..job import MergeContext, RunOptions
+
+INSTALL = 'pip install "pacer-stream[ray]"'
+RETRIES = 3  # a unit whose worker died is run again this many times
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise PacerError(f"--backend ray needs Ray, which is not installed; install it with "
+                         f"{INSTALL}, or run with --backend local") from None
+    return ray
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, config, options: RunOptions) -> None:
+        self.ray = ray = import_ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=options.address, log_to_driver=False,
+                         include_dashboard=False, configure_logging=False)
+            except ConnectionError as exc:
+                raise PacerError(f"--address {options.address}: no Ray cluster answers there "
+                                 f"({str(exc).splitlines()[0]}); start one with `ray start "
+                                 "--head`, or leave --address out to start one here") from None
+        self.spec = pickle.dumps((config, options))
+        self._unit = ray.remote(max_retries=RETRIES)(unit_task)
+        self._align = ray.remote(max_retries=RETRIES)(align_task)
+
+    def map_stage(self, stage, ctx: MergeContext, units: list[str]):
+        shared = self.ray.put(stage.shared(ctx)) if hasattr(stage, "shared") else None
+        refs = [self._unit.options(num_cpus=1, memory=stage.memory(ctx, u))
+                .remote(self.spec, stage, shared, u) for u in units]
+        yield from self._in_order(ctx, units, refs)
+
+    def align_map(self, ctx: MergeContext):
+        from .. import accounting as acct
+        from ..graph import GLOBAL
+
+        graph = ctx.models.graph
+        d = graph.groups[GLOBAL].size
+
+        def map_units(sweep, units: list[str]):
+            shared = self.ray.put(sweep)
+            peers = len(sweep.perms)
+            refs = []
+            for name in units:
+                unit = next(u for u in graph.units if u.name == name)
+                need = acct.align_bytes(acct.align_unit_need(graph, unit), d, peers)
+                refs.append(self._align.options(num_cpus=1, memory=acct.PROCESS_BASE_BYTES + need)
+                            .remote(self.spec, shared, name))
+            for _, shares in self._in_order(ctx, units, refs):
+                yield shares
+        return map_units
+
+    def _in_order(self, ctx: MergeContext, units: list[str], refs: list):
+        """Results in unit order; the bytes a task read join this run's count. Tasks not
+        yet collected are cancelled if the driver stops early (an error, a signal)."""
+        done = 0
+        try:
+            for unit, ref in zip(units, refs):
+                result, read = self.ray.get(ref)
+                done += 1
+                ctx.summary.read_bytes += read
+                yield unit, result
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+            if isinstance(cause, PacerError):
+                raise cause from None
+            raise
+        finally:
+            for ref in refs[done:]:
+                self.ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        pass
+
+
+# -- in the worker ------------------------------------------------------------------
+
+_context: tuple[bytes, MergeContext] | None = None
+
+
+def worker_context(spec: bytes) -> MergeContext:
+    """The run's context in this worker process, built once per run from the plan."""
+    global _context
+    if _context is None or _context[0] != spec:
+        config, options = pickle.loads(spec)
+        _context = (spec, MergeContext.from_plan(config, options))
+    return _context[1]
+
+
+def unit_task(spec: bytes, stage, shared, unit: str):
+    ctx = worker_context(spec)
+    if shared is not None:
+        stage.adopt(ctx, shared)
+    before = ctx.summary.read_bytes
+    result = stage.run_unit(ctx, unit)
+    return result, ctx.summary.read_bytes - before
+
+
+def align_task(spec: bytes, sweep, unit: str):
+    from ..align.stage import unit_shares
+    from ..stages.align import reader
+
+    ctx = worker_context(spec)
+    return unit_shares(ctx.models.graph, reader(ctx), sweep, unit), 0

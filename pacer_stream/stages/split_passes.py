@@ -1,0 +1,236 @@
+"""``method: split_merge``, streamed: four passes over the units, each resumable.
+
+1. ``variance-high``  histogram of the high 16 bits of every position's variance;
+2. ``variance-low``   histogram of the low bits inside the k-th value's bin, and μ's
+                      tensors written into its shards' hidden partial files;
+3. ``gram``           the n × n Gram matrix of the selected deviations (fp64) and how
+                      many positions each tensor contributes; then the eigenpair;
+4. ``eta``            η written to ``eta.safetensors`` (per tensor sparse or dense).
+
+Each pass keeps its accumulators in a :class:`~pacer_stream.state.PassCheckpoint`
+saved after every unit, so a killed run resumes at the unit it was in and writes the
+same bytes. A pass carries its accumulators (and the ties still to keep at the
+threshold) from unit to unit in order, so its units run one after another in the
+driver whatever the backend. The math is in :mod:`pacer_stream.methods.split_merge`;
+nothing in it depends on where slices are cut, so neither does the output (see
+``gram_ranges``). The finish is split_finish.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import accounting as acct
+from .. import failpoints
+from ..errors import PacerError
+from ..io.header import DTYPES
+from ..io.writer import ShardWriter
+from ..job import MergeContext
+from ..memory import return_freed_memory
+from ..methods.sparsify import HIST_BINS, MagnitudeSelect, keep_count, threshold_mask
+from ..methods.split_merge import (Components, deviations, gram_group_rows, gram_slice_rows,
+                                   group_counts, group_grams, variance_bits)
+from ..planner import SPLIT_PASSES as PASSES
+from ..state import PassCheckpoint
+from .split_eta import EtaWriter, finish_eta
+
+
+class SplitRun:
+    """What the passes of one Split-Merge share: the float tensors, k, the checkpoint, and
+    the writers of μ's shards and η."""
+
+    def __init__(self, ctx: MergeContext, state) -> None:
+        # the plan's checks (config.py) refuse a base model and a density outside (0, 1]
+        self.density = float(ctx.config.parameters.get("density", 1.0))
+        self.float_names = [t for t in ctx.order if t in ctx.models.graph.nodes
+                            and ctx.models.graph.nodes[t].info.is_float]
+        self.numel = sum(ctx.anchor.tensors[t].numel for t in self.float_names)
+        if self.numel == 0:
+            raise PacerError("method split_merge: the models have no float weights to merge")
+        self.k = keep_count(self.density, self.numel)
+        self.ckpt = PassCheckpoint(state.group.require_group("split"))
+        self.mu_writer = ShardWriter(ctx.out_dir, ctx.shards)
+        self.eta = EtaWriter(ctx, self.ckpt)
+        # units whose every pass an earlier run finished: nothing left to do for them
+        ctx.summary.units_skipped = [u.name for u in ctx.models.graph.units
+                                     if state.is_done(f"{PASSES[-1]}/{u.name}")]
+
+
+def split_run(ctx: MergeContext, state) -> SplitRun:
+    if getattr(ctx, "split", None) is None:
+        ctx.split = SplitRun(ctx, state)
+    return ctx.split
+
+
+class SplitPass:
+    """One of the four passes (``PASSES``), over every unit in order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, ctx: MergeContext, runner) -> None:
+        run = split_run(ctx, runner.state)
+        saved = run.ckpt.load()
+        arrays, record = saved if saved else ({}, {"pass": PASSES[0], "next_unit": 0})
+        if record["pass"] == "done" or PASSES.index(record["pass"]) > PASSES.index(self.name):
+            return  # an earlier attempt finished this pass
+        units = ctx.models.graph.units
+        acc = self._start(ctx, run, arrays, record)
+        with runner.progress(len(units), f"split_merge {self.name}",
+                             initial=record["next_unit"]) as bar:
+            for i in range(record["next_unit"], len(units)):
+                self._unit(ctx, run, units[i], acc)
+                return_freed_memory()
+                record = {**record, "next_unit": i + 1, **acc.record()}
+                run.ckpt.save(acc.arrays(), record)
+                runner.state.mark_done(f"{self.name}/{units[i].name}", {"pass": self.name})
+                if units[i].name not in ctx.summary.units_done:  # the summary's count
+                    ctx.summary.units_done.append(units[i].name)
+                failpoints.hit("unit-done")
+                bar.update(1)
+        arrays, record = self._end(ctx, run, acc, record)
+        run.ckpt.save(arrays, record)
+
+    def _start(self, ctx: MergeContext, run: SplitRun, arrays: dict,
+               record: dict) -> "Accumulators":
+        acc = Accumulators(len(ctx.models.models), run.numel, run.density)
+        acc.restore(arrays, record)
+        if self.name in ("gram", "eta"):  # every pass that selects starts with the same ties
+            acc.ties_left = record.get("ties_left_at_unit", record["ties"])
+        return acc
+
+    def _end(self, ctx: MergeContext, run: SplitRun, acc: "Accumulators",
+             record: dict) -> tuple[dict, dict]:
+        nxt = PASSES[PASSES.index(self.name) + 1] if self.name != PASSES[-1] else "done"
+        if self.name == "variance-low":
+            run.mu_writer.sync()  # μ's shards stay hidden partial files until the finish
+            threshold, ties = acc.select.cut() if not acc.select.keep_all else (-1, 0)
+            record.update(threshold=threshold, ties=ties)
+        if self.name == "gram":
+            parts = components(acc.gram)
+            record.update(eigenvalue=parts.eigenvalue, combination=parts.combination,
+                          coefficients=parts.coefficients)
+        if self.name == "eta":
+            finish_eta(ctx, run, record)
+        record = {**record, "pass": nxt, "next_unit": 0}
+        record.pop("ties_left_at_unit", None)
+        return acc.arrays(), record
+
+    def _unit(self, ctx: MergeContext, run: SplitRun, unit, acc: "Accumulators") -> None:
+        """One unit of this pass; the μ pass also writes its non-float and passthrough tensors."""
+        name, reads = self.name, ctx.reads
+        copies = split_copies(len(ctx.inputs))
+        for tensor in (*unit.tensors, *unit.passthrough):
+            if tensor not in run.float_names:
+                if name == "variance-low":
+                    raw = [reads.read_model(k, tensor, None) for k in range(len(ctx.inputs))]
+                    reads.check_equal(tensor, raw)
+                    ctx.summary.read_bytes += sum(c.numel() * c.element_size() for c in raw)
+                    run.mu_writer.write(tensor, raw[0])
+                continue
+            offset = 0
+            info = ctx.models.graph.nodes[tensor].info
+            row_numel = acct.row_numel(info.shape)
+            ranges = gram_ranges(ctx, tensor) if name == "gram" else reads.ranges(tensor, copies)
+            for rows in ranges:
+                x, _ = reads.load(tensor, rows, check=name == PASSES[0])
+                ctx.summary.read_bytes += reads.nbytes(tensor, rows)
+                mu, delta = deviations(x)
+                bits = variance_bits(delta)
+                if name == "variance-high":
+                    acc.select.observe_high(bits)
+                elif name == "variance-low":
+                    acc.select.observe_low(bits)
+                    out = DTYPES[ctx.output.out[tensor].dtype][0]
+                    run.mu_writer.write(tensor, mu.to(out).cpu().reshape(
+                        rows[1] - rows[0], *info.shape[1:]) if info.shape else
+                        mu.to(out).cpu().reshape(()), first_row=rows[0])
+                else:
+                    mask = acc.mask(bits)
+                    selected = delta.reshape(delta.shape[0], -1)[:, mask]
+                    if name == "gram":
+                        group = gram_group_rows(row_numel) * row_numel
+                        acc.add_gram(selected, group_counts(mask, group), tensor)
+                    else:
+                        where = torch.nonzero(mask).reshape(-1) + rows[0] * row_numel
+                        offset = run.eta.write(tensor, selected, where, offset)
+            if name == "eta":
+                run.eta.check_count(tensor, offset)
+        if name == "eta":
+            run.eta.writer.sync()
+        else:
+            run.mu_writer.sync()
+
+
+def components(gram: np.ndarray) -> Components:
+    """The eigenpair of G, refused when it is not finite (NaN or Inf merged in)."""
+    if not np.isfinite(gram).all():
+        raise PacerError("split_merge: the Gram matrix of the selected deviations holds NaN "
+                         "or Inf (from inputs merged with --allow-nonfinite); the "
+                         "coefficients need finite weights: fix the checkpoints")
+    parts = Components.from_gram(torch.tensor(gram))
+    if not parts.is_finite():
+        raise PacerError(f"split_merge: the top eigenpair of the Gram matrix is not finite "
+                         f"(eigenvalue {parts.eigenvalue}); check the inputs' weights")
+    return parts
+
+
+def gram_ranges(ctx: MergeContext, name: str) -> list[tuple[int, int]]:
+    """Row slices for the Gram pass: whole fixed row groups, so G sums the same way
+    under any budget (a slice never splits a group; at least one group a slice)."""
+    plan = ctx.reads.slices(name, split_copies(len(ctx.inputs)))
+    info = ctx.anchor.tensors[name]
+    rows = gram_slice_rows(plan.rows, plan.total_rows, acct.row_numel(info.shape))
+    return [(r, min(r + rows, plan.total_rows)) for r in range(0, plan.total_rows, rows)]
+
+
+split_copies = acct.split_copies
+
+
+class Accumulators:
+    """What a pass carries from unit to unit (and into the checkpoint)."""
+
+    def __init__(self, n: int, numel: int, density: float) -> None:
+        self.select = MagnitudeSelect(numel, density)
+        self.gram = np.zeros((n, n))
+        self.nnz: dict[str, int] = {}
+        self.threshold = -1
+        self.ties_left = 0
+
+    def restore(self, arrays: dict, record: dict) -> None:
+        if "high" in arrays:
+            self.select.high = torch.from_numpy(arrays["high"])
+        if "low" in arrays:
+            self.select.low = torch.from_numpy(arrays["low"])
+        if "gram" in arrays:
+            self.gram = np.array(arrays["gram"])
+        self.nnz = dict(record.get("nnz", {}))
+        if record.get("bin") is not None:
+            self.select.bin, self.select.k_in_bin = record["bin"], record["k_in_bin"]
+        self.threshold = record.get("threshold", -1)
+
+    def arrays(self) -> dict:
+        out = {"gram": self.gram}
+        for key in ("high", "low"):
+            hist = getattr(self.select, key)
+            out[key] = hist.numpy() if isinstance(hist, torch.Tensor) else np.zeros(
+                HIST_BINS, dtype=np.int64)
+        return out
+
+    def record(self) -> dict:
+        return {"nnz": self.nnz, "bin": self.select.bin, "k_in_bin": self.select.k_in_bin,
+                "ties_left_at_unit": self.ties_left}
+
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        if self.select.keep_all:
+            return torch.ones(bits.shape, dtype=torch.bool, device=bits.device)
+        keep, self.ties_left = threshold_mask(bits, self.threshold, self.ties_left)
+        return keep
+
+    def add_gram(self, selected: torch.Tensor, counts: list[int], tensor: str) -> None:
+        """Add the Gram matrices of a slice's row groups (``counts``: selected columns per
+        group) to G one group at a time, in row order: the same sums under any slicing."""
+        for partial in group_grams(selected, counts).numpy():
+            self.gram += partial
+        self.nnz[tensor] = self.nnz.get(tensor, 0) + selected.shape[1]
