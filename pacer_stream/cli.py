@@ -91,8 +91,12 @@ _COPY_TOKENIZER = click.option(
 @click.option("--max-memory", "max_memory", help="RAM budget, e.g. 16GB (default: 80% of RAM).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="Estimate the run on one process or on a Ray cluster.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Machines of the Ray cluster to estimate the wall time for (--backend ray).")
 def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
-         as_json: bool) -> None:
+         as_json: bool, backend: str, workers: int | None) -> None:
     """Preview memory, disk traffic and time of PLAN_FILE from the headers alone.
 
     PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT (needed for a
@@ -101,13 +105,23 @@ def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
     from .inputs import ModelSet
     from .planner import make_plan, render
 
+    if workers is not None and backend != "ray":
+        raise PacerError("--workers is the size of a Ray cluster: give it with --backend ray")
     budget = parse_size(max_memory, "--max-memory") if max_memory else None
     config = _load(plan_file, out, None, quiet=as_json)
     report = make_plan(config, ModelSet.from_plan(config), budget, device)
+    cluster = None
+    if backend == "ray":
+        from . import cluster_plan
+
+        cluster = cluster_plan.estimate(report, workers or 1)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
+        click.echo(json.dumps({**report.to_json(), "cluster": cluster and cluster.to_json()},
+                              indent=1))
     else:
         click.echo(render(report))
+        if cluster is not None:
+            click.echo(cluster_plan.render(cluster))
     if not report.fits:  # the same verdict `run` refuses with, from the same plan
         click.echo(f"pacer-stream: error: {report.reason}", err=True)
         sys.exit(3)  # not 2 (a user error): the plan is valid, the budget is too small
@@ -131,13 +145,22 @@ def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
 @_COPY_TOKENIZER
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch (default: torch's, one per core).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="Where the units run: this process, or Ray tasks on a cluster whose "
+                   "machines see the inputs and the output folder (pacer-stream[ray]).")
+@click.option("--address", help="The Ray cluster to join (default: start one on this machine).")
+@click.option("--shard-layout", "shard_layout", type=click.Choice(["size", "unit"]),
+              help="Shards packed by size across units, or each unit's own (the Ray "
+                   "backend's; give it to a local run to write the same files).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print the plan (memory, traffic, stages) before the run and its totals after.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no summary line.")
 def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
         shard_size: str | None, state_dir: Path | None, restart: bool, force: bool,
         allow_nonfinite: bool, hash_inputs: bool, copy_tokenizer: bool | None,
-        threads: int | None, verbose: bool, quiet: bool) -> None:
+        threads: int | None, backend: str, address: str | None, shard_layout: str | None,
+        verbose: bool, quiet: bool) -> None:
     """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption.
 
     PLAN_FILE is a pacer-stream plan or a mergekit configuration; OUT, the output folder,
@@ -158,10 +181,11 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
         device=device,
         shard_size=parse_size(shard_size, "--shard-size") if shard_size else None,
         state_dir=state_dir.resolve() if state_dir else None,
+        shard_layout=shard_layout, backend=backend, address=address,
         restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
         hash_inputs=hash_inputs,
         command=run_command(plan_file, device, shard_size, allow_nonfinite, out,
-                            copy_tokenizer),
+                            copy_tokenizer, shard_layout or ("unit" if backend == "ray" else None)),
     )
     config = _load(plan_file, out, copy_tokenizer, quiet)
     if verbose:
@@ -198,7 +222,8 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
 
 def run_command(plan_file: Path, device: str, shard_size: str | None,
                 allow_nonfinite: bool, out: Path | None = None,
-                copy_tokenizer: bool | None = None) -> tuple[str, ...]:
+                copy_tokenizer: bool | None = None,
+                shard_layout: str | None = None) -> tuple[str, ...]:
     """``pacer-stream run`` as the model card records it: the plan as typed and the
     options that can change the output or are needed to repeat it. The rest (--max-memory,
     --state-dir, --restart, --force, --hash-inputs, --quiet, --debug; export/card.py's
@@ -209,6 +234,7 @@ def run_command(plan_file: Path, device: str, shard_size: str | None,
             *(("--no-copy-tokenizer",) if copy_tokenizer is False else ()),
             *(("--device", device) if device != "cpu" else ()),
             *(("--shard-size", shard_size) if shard_size else ()),
+            *(("--shard-layout", shard_layout) if shard_layout == "unit" else ()),
             *(("--allow-nonfinite",) if allow_nonfinite else ()))
 
 

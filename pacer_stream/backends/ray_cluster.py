@@ -50,9 +50,13 @@ class RayBackend:
         self._align = ray.remote(max_retries=RETRIES)(align_task)
 
     def map_stage(self, stage, ctx: MergeContext, units: list[str]):
+        if not units:
+            return
         shared = self.ray.put(stage.shared(ctx)) if hasattr(stage, "shared") else None
-        refs = [self._unit.options(num_cpus=1, memory=stage.memory(ctx, u))
-                .remote(self.spec, stage, shared, u) for u in units]
+        # one figure for the stage, its largest unit's: tasks that ask for the same
+        # resources share worker processes (each new shape would start its own)
+        task = self._unit.options(num_cpus=1, memory=max(stage.memory(ctx, u) for u in units))
+        refs = [task.remote(self.spec, stage, shared, u) for u in units]
         yield from self._in_order(ctx, units, refs)
 
     def align_map(self, ctx: MergeContext):
@@ -64,13 +68,10 @@ class RayBackend:
 
         def map_units(sweep, units: list[str]):
             shared = self.ray.put(sweep)
-            peers = len(sweep.perms)
-            refs = []
-            for name in units:
-                unit = next(u for u in graph.units if u.name == name)
-                need = acct.align_bytes(acct.align_unit_need(graph, unit), d, peers)
-                refs.append(self._align.options(num_cpus=1, memory=acct.PROCESS_BASE_BYTES + need)
-                            .remote(self.spec, shared, name))
+            need = max(acct.align_bytes(acct.align_unit_need(graph, u), d, len(sweep.perms))
+                       for u in graph.units if u.name in units)
+            task = self._align.options(num_cpus=1, memory=acct.PROCESS_BASE_BYTES + need)
+            refs = [task.remote(self.spec, shared, name) for name in units]
             for _, shares in self._in_order(ctx, units, refs):
                 yield shares
         return map_units
