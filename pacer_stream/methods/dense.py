@@ -67,7 +67,7 @@ from .sparsify import (MagnitudeSelect, OutlierBand, dare_keep, della_probabilit
 from .vocabulary import merge_rows
 
 if TYPE_CHECKING:
-    from ..config import PlanConfig
+    from ..config_schema import PlanConfig
 
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
 
