@@ -113,18 +113,18 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
     check_pacer(pacer, f"{label}: pacer")
     if pacer["anchor_strategy"] not in ANCHORS:
         pacer["anchor_strategy"] = anchor_ref(pacer["anchor_strategy"], entries, base_ref,
-                                               base_dir, f"{label}: pacer.anchor_strategy")
+                                              base_dir, f"{label}: pacer.anchor_strategy")
     if method == "pacer":
         check_pacer_dense(given_pacer, parameters, label)
         pacer["router_samples"] = router_samples(pacer["router_samples"], entries, base_dir,
-                                                  f"{label}: pacer.router_samples")
+                                                 f"{label}: pacer.router_samples")
         pacer["router"] = router_kind(pacer, f"{label}: pacer.router")
         pacer["vocabulary"] = sample_rule(pacer, "vocabulary", VOCABULARY_RULES,
-                                           "to count which tokens each model uses",
-                                           f"{label}: pacer.vocabulary")
+                                          "to count which tokens each model uses",
+                                          f"{label}: pacer.vocabulary")
         pacer["dense"] = sample_rule(pacer, "dense", DENSE_RULES,
-                                      "to fit each layer to the models' own inputs",
-                                      f"{label}: pacer.dense")
+                                     "to fit each layer to the models' own inputs",
+                                     f"{label}: pacer.dense")
     if method != "pacer" and "align" in given_pacer:
         raise PacerError(f"{label}: pacer.align is read by method pacer only; for method "
                          f"{method} write align: {str(given_pacer['align']).lower()} at the top "

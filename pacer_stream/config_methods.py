@@ -105,7 +105,7 @@ def _count_check(value: Any, where: str) -> None:
 
 
 def check_model_count(method: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,
-                       label: str) -> None:
+                      label: str) -> None:
     """A method's number of models (MODEL_COUNTS), a base listed among them not counted."""
     if method not in MODEL_COUNTS:
         return
@@ -121,7 +121,7 @@ def check_model_count(method: str, entries: tuple[ModelEntry, ...], base: ModelR
 
 
 def check_method_values(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
-                         label: str) -> None:
+                        label: str) -> None:
     """What only a method and a combination of values show (one value is checked alone)."""
     if method == "slerp" and "t" not in parameters:
         raise PacerError(f"{label}: method slerp needs parameters.t (0 gives the base_model, 1 "
@@ -169,7 +169,7 @@ def check_parameters(p: dict, where: str) -> None:
 
 
 def check_used(method: str, parameters: dict, entries: tuple[ModelEntry, ...],
-                base: ModelRef | None, label: str) -> None:
+               base: ModelRef | None, label: str) -> None:
     """Refuse every value the method would not read (see METHOD_PARAMETERS)."""
     uses = METHOD_PARAMETERS[method]
     hint = {"pacer": {"density": " (PACER's dense layers are the models' mean)"}}.get(

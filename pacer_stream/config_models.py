@@ -55,7 +55,7 @@ def parse_slices(raw: dict, base_dir: Path, label: str) -> tuple[SliceSpec, ...]
                 raise PacerError(f"{at}.layer_range: expected [start, end] with start < end, "
                                  f"got {span!r}")
             entry = model_entry({k: v for k, v in source.items() if k != "layer_range"},
-                                 base_dir, at)
+                                base_dir, at)
             parsed.append(SliceSource(entry, span[0], span[1]))
         if len({s.end - s.start for s in parsed}) > 1:
             raise PacerError(f"{where}: its sources cover different numbers of layers "
@@ -111,7 +111,7 @@ def parse_output(raw: Any, base_dir: Path, where: str, name: str) -> OutputSpec:
 
 
 def check_tokenizer_source(output: OutputSpec, entries: tuple[ModelEntry, ...],
-                            base: ModelRef | None, where: str) -> None:
+                           base: ModelRef | None, where: str) -> None:
     source = output.tokenizer_source
     if source is None:
         return
@@ -129,7 +129,7 @@ def check_tokenizer_source(output: OutputSpec, entries: tuple[ModelEntry, ...],
 
 
 def anchor_ref(text: str, entries: tuple[ModelEntry, ...], base: ModelRef | None,
-                base_dir: Path, where: str, also: tuple[str, ...] = ANCHORS) -> ModelRef:
+               base_dir: Path, where: str, also: tuple[str, ...] = ANCHORS) -> ModelRef:
     """A plan value naming a model (``anchor_strategy``, a ``router_samples`` key): it
     must be one of the plan's inputs; ``also`` lists the other values it could be."""
     known = [e.ref for e in entries] + ([base] if base is not None else [])

@@ -47,7 +47,8 @@ def check_pacer(p: dict, where: str) -> None:
     for key in ("enable_moe_upcycle", "align"):
         if not isinstance(p[key], bool):
             raise PacerError(f"{where}.{key} must be true or false, got {p[key]!r}")
-    if p["max_param_growth"] is not None and as_number(p["max_param_growth"], f"{where}.max_param_growth") < 1:
+    if p["max_param_growth"] is not None \
+            and as_number(p["max_param_growth"], f"{where}.max_param_growth") < 1:
         raise PacerError(f"{where}.max_param_growth must be at least 1.0")
     if p["upcycle_fraction"] is not None:
         if not 0 <= as_number(p["upcycle_fraction"], f"{where}.upcycle_fraction") <= 1:
@@ -85,7 +86,7 @@ def check_pacer_dense(given: dict, parameters: dict, label: str) -> None:
 
 
 def router_samples(raw: Any, entries: tuple[ModelEntry, ...], base_dir: Path,
-                    where: str) -> dict[int, Path] | None:
+                   where: str) -> dict[int, Path] | None:
     """``router_samples: {model: file}`` -> {model index: file}, one file for every model."""
     if raw is None:
         return None
@@ -125,7 +126,7 @@ def router_kind(pacer: dict, where: str) -> str | None:
 
 
 def sample_rule(pacer: dict, key: str, rules: tuple[str, ...], purpose: str,
-                 where: str) -> str:
+                where: str) -> str:
     """``pacer.vocabulary`` / ``pacer.dense``: ``rules[0]`` is fitted to samples (the default
     when there are any) and is refused without them; ``mean`` needs nothing."""
     rule = pacer[key]
