@@ -50,7 +50,8 @@ from .methods.consensus import PartStats, model_similarity, part_of
 from .methods.dense import MethodParams
 from .methods.upcycle import Decision, UpcyclePolicy, decide, expert_means, router_rows
 from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usage_summary
-from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
+from .plan_units import EXPERT_ROLES
+from .planner import OUT_DTYPES, default_budget
 from .preflight import check_clear_allowed
 from .self_samples import (end_tokens, generate, measured_on, sample_set, start_token,
                            writes_samples)

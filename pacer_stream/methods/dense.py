@@ -150,7 +150,7 @@ class MethodParams:
         """From a plan's values for one tensor: per-model values win over plan-level
         ``parameters``. ``models`` are the plan's model entries or, for one tensor, each
         model's values as a mapping (methods/schedule.py resolves filters and gradients to
-        such scalars). Types and ranges were checked with the plan (config.py); what only
+        such scalars). Types and ranges were checked with the plan (config_methods.py); what only
         the combination shows is checked here."""
         if method not in METHODS:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
