@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import PlanConfig, parse_plan
+from .config import parse_plan
+from .config_schema import PlanConfig
 from .errors import PacerError
 from .backends.local import LocalBackend
 from .executor import Runner

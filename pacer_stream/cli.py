@@ -103,7 +103,8 @@ def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
     mergekit one) is the output folder. Exits with status 3 when the merge does not fit
     the budget (after the report)."""
     from .inputs import ModelSet
-    from .planner import make_plan, render
+    from .plan_report import render
+    from .planner import make_plan
 
     if workers is not None and backend != "ray":
         raise PacerError("--workers is the size of a Ray cluster: give it with --backend ray")
@@ -190,7 +191,8 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
     config = _load(plan_file, out, copy_tokenizer, quiet)
     if verbose:
         from .inputs import ModelSet
-        from .planner import make_plan, render
+        from .plan_report import render
+        from .planner import make_plan
 
         click.echo(render(make_plan(config, ModelSet.from_plan(config), options.budget, device)))
     try:

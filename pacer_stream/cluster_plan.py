@@ -21,7 +21,8 @@ import heapq
 from dataclasses import asdict, dataclass
 
 from . import accounting as acct
-from .planner import ALIGN_SWEEPS_EXPECTED, Plan, UnitPlan
+from .plan_report import Plan, UnitPlan
+from .planner import ALIGN_SWEEPS_EXPECTED
 
 # measured on this machine's local Ray cluster (benchmarks/results/scale-vm.md)
 RAY_TASK_SECONDS = 0.02  # scheduling a task and returning its result

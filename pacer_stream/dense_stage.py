@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import accounting as acct
-from .config import PlanConfig
+from .config_schema import PlanConfig
 from .errors import PacerError
 from .inputs import ModelSet
 from .io.header import DTYPES

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arch import ArchSpec, detect_spec
-from .config import PlanConfig
+from .config_schema import PlanConfig
 from .errors import PacerError
 from .graph import MergeGraph
 from .io.header import FLOAT_DTYPES

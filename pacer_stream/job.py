@@ -29,7 +29,8 @@ from .methods import schedule
 from .methods.dense import METHODS, MethodParams, pacer_dense
 from .methods.upcycle import Decision
 from .output_layout import SHARD_LAYOUTS, VIT_MOE, OutputLayout, output_layout
-from .planner import EXPERT_ROLES, OUT_DTYPES, default_budget
+from .plan_units import EXPERT_ROLES
+from .planner import OUT_DTYPES, default_budget
 from .self_samples import writes_samples
 from .calibration import SampleSet
 from .state import STATE_DIR, fingerprint

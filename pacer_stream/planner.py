@@ -1,121 +1,35 @@
 """The plan: stages, per-unit costs, peak RAM, disk traffic and time, from headers alone.
 
-``make_plan`` walks the merge graph once and, for every unit, counts the bytes
-each stage reads and writes, the working set (see :mod:`accounting`), the FLOPs
-of the alignment cost GEMMs and the LAP solves. Nothing here reads tensor data.
+``make_plan`` walks the merge graph once. For every unit, plan_units.py counts the bytes
+each stage reads and writes, the working set (see :mod:`accounting`), the FLOPs of the
+alignment cost GEMMs and the LAP solves; here the units' figures become the stages, in the
+run's order (passes, traffic, seconds on the CPU and the GPU), and the verdict whether the
+budget fits. The figures and the text report are plan_report.py. Nothing here reads
+tensor data.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import psutil
 
 from . import accounting as acct
-from .config import PlanConfig
+from .config_schema import PlanConfig
 from .errors import PacerError
 from .export.moe import moe_model_type
-from .graph import GLOBAL, MergeGraph, Unit
+from .graph import MergeGraph
 from .inputs import ModelSet
-from .io.header import ITEMSIZE, TensorInfo
+from .plan_report import Plan, StagePlan, UnitPlan
+from .plan_units import out_bytes, unit_plan
 # (the methods, the sample stages and the llama.cpp layout are imported where a plan uses
 # them: reading headers and planning a dense merge never imports torch)
 from .sizes import at_least, format_size
 
-EXPERT_ROLES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate.bias", "mlp.up.bias",
-                "mlp.down.bias")  # an expert is a whole MLP block, biases included
-SPLIT_PASSES = ("variance-high", "variance-low", "gram", "eta")  # see split_job
+SPLIT_PASSES = ("variance-high", "variance-low", "gram", "eta")  # see stages/split_passes.py
 # Alignment sweeps a plan estimates: fine-tunes of one base converge after 1, a permuted
 # copy after 2 (find, confirm); up to 7 measured only for near-random tiny models.
 ALIGN_SWEEPS_EXPECTED = 2
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-@dataclass
-class UnitPlan:
-    name: str
-    tensors: int
-    merge_read_bytes: int  # one merge pass over all inputs
-    align_read_bytes: int  # one alignment sweep (anchor + peers, permuted tensors only)
-    write_bytes: int
-    merge_ram_bytes: int
-    align_ram_bytes: int
-    align_flops: float  # cost GEMMs of one sweep, all peers
-    lap_problems: int
-    lap_seconds: float  # one sweep, all peers, CPU
-    sliced: dict[str, int] = field(default_factory=dict)  # tensor -> rows per slice
-    reread_bytes: int = 0  # read again by the observation passes of sliced tensors
-    problem: str | None = None
-    min_need_bytes: int = 0  # its smallest working set (one row per slice, one peer)
-    min_need_what: str = ""  # which stage of which tensor needs it
-
-    @property
-    def ram_bytes(self) -> int:
-        return max(self.merge_ram_bytes, self.align_ram_bytes)
-
-
-@dataclass
-class StagePlan:
-    name: str
-    passes: int
-    read_bytes: int
-    write_bytes: int
-    seconds: dict[str, float]
-    max_passes: int | None = None  # align: the safety cap (pacer.max_sweeps); passes is typical
-
-
-@dataclass
-class Plan:
-    project_name: str
-    method: str
-    architecture: str
-    models: list[str]
-    device: str
-    budget_bytes: int
-    input_bytes: int
-    units: list[UnitPlan]
-    stages: list[StagePlan]
-    groups: list[dict]
-    peak_unit: str
-    peak_ram_bytes: int
-    fits: bool
-    reason: str | None
-    write_bytes_max: int
-    min_budget_bytes: int = 0  # the smallest --max-memory this plan fits in
-    min_budget_reason: str = ""  # what needs it: "<unit>: <stage and tensor or group>"
-    router: str | None = None  # pacer: where the upcycled blocks' gate rows come from
-    target: str = "transformers"  # output.target
-    target_cost: str | None = None  # llama.cpp target of an upcycling plan: what it costs
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(s.read_bytes for s in self.stages)
-
-    @property
-    def write_bytes(self) -> int:
-        return sum(s.write_bytes for s in self.stages)
-
-    @property
-    def est_seconds(self) -> dict[str, float]:
-        """The stages' seconds and the start-up every run pays (accounting.STARTUP_SECONDS)."""
-        return {dev: round(acct.STARTUP_SECONDS + sum(s.seconds[dev] for s in self.stages), 3)
-                for dev in ("cpu", "gpu")}
-
-    def to_json(self) -> dict:
-        return {
-            "project_name": self.project_name, "method": self.method,
-            "architecture": self.architecture, "models": self.models, "device": self.device,
-            "budget_bytes": self.budget_bytes, "peak_ram_bytes": self.peak_ram_bytes,
-            "peak_unit": self.peak_unit, "fits": self.fits, "reason": self.reason,
-            "min_budget_bytes": self.min_budget_bytes, "min_budget_reason": self.min_budget_reason,
-            "input_bytes": self.input_bytes, "read_bytes": self.read_bytes,
-            "write_bytes": self.write_bytes, "write_bytes_max": self.write_bytes_max,
-            "est_seconds": self.est_seconds, "groups": self.groups, "router": self.router,
-            "target": self.target, "target_cost": self.target_cost,
-            "stages": [asdict(s) for s in self.stages],
-            "units": [{**asdict(u), "ram_bytes": u.ram_bytes} for u in self.units],
-        }
 
 
 def default_budget() -> int:
@@ -137,7 +51,7 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
     out_dtype = OUT_DTYPES.get(config.output.dtype)
 
     upcycling = config.method == "pacer" and config.pacer["enable_moe_upcycle"]
-    units = [_unit_plan(unit, graph, models, config, out_dtype, budget, aligning)
+    units = [unit_plan(unit, graph, models, config, out_dtype, budget, aligning)
              for unit in graph.units]
     input_bytes = sum(u.merge_read_bytes for u in units)
     dense_out = sum(u.write_bytes for u in units)
@@ -153,12 +67,12 @@ def make_plan(config: PlanConfig, models: ModelSet, budget: int | None = None,
         from .self_samples import writes_samples
 
         generates = writes_samples(models.models[0].config)
-    stages = _stages(config, units, n_peers, graph, aligning, consensus_read, generates)
+    stages = stage_plans(config, units, n_peers, graph, aligning, consensus_read, generates)
     peak = max(units, key=lambda u: u.ram_bytes)
     neediest = max(units, key=lambda u: u.min_need_bytes)
     write_max = sum(s.write_bytes for s in stages)
     # the MLP weights of each block, which upcycling copies into experts
-    mlp_out = [sum(_bytes(graph.nodes[t].info, out_dtype) for t in u.tensors
+    mlp_out = [sum(out_bytes(graph.nodes[t].info, out_dtype) for t in u.tensors
                    if graph.nodes[t].role.startswith("mlp.") and graph.nodes[t].role != "mlp.norm")
                for u in graph.units if u.kind == "block"]
     if config.method == "pacer" and config.pacer["enable_moe_upcycle"]:
@@ -248,117 +162,6 @@ def _too_small(unit: UnitPlan, budget: int, min_budget: int) -> str:
             f"{given}; {at_least(min_budget)}")
 
 
-def _bytes(info: TensorInfo, out_dtype: str | None) -> int:
-    dtype = out_dtype if (out_dtype and info.is_float) else info.dtype
-    return info.numel * ITEMSIZE[dtype]
-
-
-def _unit_plan(unit: Unit, graph: MergeGraph, models: ModelSet, config: PlanConfig,
-               out_dtype: str | None, budget: int, aligning: bool) -> UnitPlan:
-    inputs, n_models = models.all, len(models.models)
-    n_peers = len(inputs) - 1
-    names = unit.tensors + unit.passthrough
-    merge_read = sum(m.tensors[t].nbytes for m in inputs for t in names)
-    permuted = [t for t in unit.tensors if graph.nodes[t].groups]
-    align_read = sum(m.tensors[t].nbytes for m in inputs[:n_models] for t in permuted)
-    write = sum(_bytes(inputs[0].tensors[t], out_dtype) for t in names)
-    plan = UnitPlan(unit.name, len(names), merge_read, align_read if aligning else 0, write,
-                    0, 0, 0.0, 0, 0.0)
-
-    # Every pass over every tensor: the largest working set, sliced by rows if it must be.
-    merge_peak = 0
-    observing = 0 if config.method in ("pacer", "split_merge") else acct.observation_passes(
-        config.method, config.parameters.get("rescale"))
-    for t in names:
-        info = inputs[0].tensors[t]
-        for what, work in _tensor_works(config, graph, unit, t, info, models, out_dtype):
-            if _can_slice(config, graph, t, info):
-                need = acct.one_row_bytes(info.shape, work)
-                if config.method == "split_merge":  # its Gram pass never splits a row group
-                    need = _gram_group_bytes(info, work)
-                slices = acct.plan_tensor(info.shape, work, budget)
-            else:  # read whole
-                need = work.bytes(info.numel, info.numel)
-                slices = acct.SlicePlan(1, 1, need, need <= acct.usable(budget))
-            if need > plan.min_need_bytes:
-                plan.min_need_bytes, plan.min_need_what = need, f"{what} {t}"
-            if slices.sliced:
-                plan.sliced[t] = min(slices.rows, plan.sliced.get(t, slices.rows))
-                if what == "merging":
-                    plan.reread_bytes += observing * sum(m.tensors[t].nbytes for m in inputs)
-            merge_peak = max(merge_peak, slices.bytes)
-    plan.merge_ram_bytes = acct.PROCESS_BASE_BYTES + merge_peak
-    if not aligning:
-        return plan
-
-    # Alignment: the accounting the align stage obeys, with one peer (its minimum).
-    residual = graph.groups.get(GLOBAL)
-    d = residual.size if residual is not None else 0
-    need = acct.align_bytes(acct.align_unit_need(graph, unit), d, 1)
-    plan.align_ram_bytes = acct.PROCESS_BASE_BYTES + need
-    local = [g for g in graph.groups.values() if g.unit == unit.name]
-    if need > plan.min_need_bytes:
-        big = max(local, key=lambda g: g.size, default=residual)
-        plan.min_need_bytes = need
-        plan.min_need_what = f"aligning its {big.kind} group ({big.size}x{big.size})"
-    for g in graph.groups.values():
-        for t, _axis in g.members:
-            if t in unit.tensors:
-                plan.align_flops += n_peers * 2.0 * g.size * graph.nodes[t].info.numel
-    plan.lap_problems = n_peers * sum(g.problems for g in local)
-    plan.lap_seconds = n_peers * sum(g.problems * acct.CPU.lap_coeff * g.size ** 2.5 for g in local)
-    return plan
-
-
-def _gram_group_bytes(info: TensorInfo, work: acct.Work) -> int:
-    """Split-Merge's smallest slice: one fixed Gram row group (methods.split_merge)."""
-    from .methods.split_merge import gram_group_rows
-
-    shape = info.shape or (1,)
-    row = acct.row_numel(shape)
-    rows = min(shape[0], gram_group_rows(row))
-    return work.bytes(rows * row, info.numel)
-
-
-def _can_slice(config: PlanConfig, graph: MergeGraph, name: str, info: TensorInfo) -> bool:
-    """Copied tensors (non-float, passthrough) and ``align: only`` outputs are read whole."""
-    return config.align != "only" and info.is_float and name not in graph.passthrough
-
-
-def _tensor_works(config: PlanConfig, graph: MergeGraph, unit: Unit, name: str,
-                  info: TensorInfo, models: ModelSet, out_dtype: str | None
-                  ) -> list[tuple[str, acct.Work]]:
-    """Each pass the run makes over one tensor, and what it holds (see the executor)."""
-    n_inputs, n_models = len(models.all), len(models.models)
-    aligned = bool(config.align)
-    b = models.widest_itemsize(name)
-    if config.align == "only":  # each peer's tensor is read whole, re-based and written
-        return [("writing the aligned copies of", acct.Work(acct.ALIGNED_READ_COPIES * b))]
-    if not _can_slice(config, graph, name, info):  # read whole from every input, compared
-        return [("copying", acct.Work(acct.raw_bytes(1, n_inputs, b, aligned)))]
-    out_size = ITEMSIZE[out_dtype or info.dtype]
-    if config.method == "split_merge":
-        work = acct.copies_work(acct.split_copies(n_inputs), n_inputs, out_size, b, aligned)
-        return [("a Split-Merge pass over", work)]
-    dense = config.method
-    if config.method == "pacer":
-        from .methods.consensus import part_of
-        from .methods.dense import pacer_dense
-
-        dense = pacer_dense(config)[0]
-    works = [("merging", acct.merge_work(dense, n_inputs, out_size, b, aligned,
-                                         acct.row_numel(info.shape or (1,))))]
-    if config.method == "pacer" and config.pacer["enable_moe_upcycle"] and unit.kind == "block":
-        role = graph.nodes[name].role
-        if part_of(role) is not None:
-            works.append(("the statistics pass over",
-                          acct.stats_work(n_models, models.base is not None, b, aligned)))
-        if role in EXPERT_ROLES:
-            works.append(("writing the experts of",
-                          acct.expert_work(n_models, n_inputs, out_size, b, aligned)))
-    return works
-
-
 def _sample_stages(config: PlanConfig, merge_read: int, generates: bool) -> list[StagePlan]:
     """PACER's sample passes before the merge: data-free generation (self_samples.py) and
     RegMean (regmean_pass.py). Each reads every model's blocks once; generation re-reads a
@@ -383,8 +186,8 @@ def _sample_stages(config: PlanConfig, merge_read: int, generates: bool) -> list
     return stages
 
 
-def _stages(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
-            aligning: bool, consensus_read: int, generates: bool) -> list[StagePlan]:
+def stage_plans(config: PlanConfig, units: list[UnitPlan], n_peers: int, graph: MergeGraph,
+                aligning: bool, consensus_read: int, generates: bool) -> list[StagePlan]:
     merge_read = sum(u.merge_read_bytes for u in units)
     reread = sum(u.reread_bytes for u in units)  # sliced tensors' observation passes
     write = sum(u.write_bytes for u in units)
@@ -444,68 +247,6 @@ def _group_summary(graph: MergeGraph) -> list[dict]:
         entry["count"] += 1
         entry["problems"] += g.problems
     return list(summary.values())
-
-
-def render(plan: Plan) -> str:
-    """The human-readable plan report."""
-    lines = [
-        f"plan {plan.project_name}: {plan.method} merge of {len(plan.models)} "
-        f"{plan.architecture} models",
-        *(f"  model {i}: {m}" for i, m in enumerate(plan.models)),
-        "",
-        "symmetry groups:",
-        f"  {'kind':<10}{'size':>8}{'count':>8}{'problems':>10}",
-        *(f"  {g['kind']:<10}{g['size']:>8}{g['count']:>8}{g['problems']:>10}" for g in plan.groups),
-        "",
-        f"stages ({len(plan.units)} units each):",
-        f"  {'stage':<14}{'passes':>7}{'read':>12}{'write':>12}{'cpu':>12}{'gpu':>12}",
-    ]
-    for s in plan.stages:
-        lines.append(f"  {s.name:<14}{s.passes:>7}{format_size(s.read_bytes):>12}"
-                     f"{format_size(s.write_bytes):>12}{_duration(s.seconds['cpu']):>12}"
-                     f"{_duration(s.seconds['gpu']):>12}")
-    est = plan.est_seconds
-    startup = _duration(acct.STARTUP_SECONDS)
-    lines += [
-        f"  {'start-up':<14}{'':>7}{'':>12}{'':>12}{startup:>12}{startup:>12}",
-        f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
-        f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
-        *(_align_line(s) for s in plan.stages if s.max_passes is not None),
-        *([f"  calibrate (if a block is upcycled): router {plan.router}"] if plan.router else
-          ["  no MLP block will be upcycled: experts need pacer.router_samples (or router: "
-           "data_free)"] if plan.method == "pacer" and plan.write_bytes_max > plan.write_bytes
-          else []),
-        "",
-        f"output target: {plan.target}" + (f" - {plan.target_cost}" if plan.target_cost else ""),
-        f"inputs {format_size(plan.input_bytes)}; output {format_size(plan.write_bytes)}"
-        + (f" (up to {format_size(plan.write_bytes_max)} if every MLP is upcycled)"
-           if plan.write_bytes_max > plan.write_bytes else ""),
-        f"peak RAM {format_size(plan.peak_ram_bytes)} at {plan.peak_unit} "
-        f"(budget {format_size(plan.budget_bytes)})",
-    ]
-    sliced = sum(len(u.sliced) for u in plan.units)
-    if sliced and plan.fits:
-        lines.append(f"{sliced} tensors are processed in row slices to stay inside the budget")
-    lines.append(f"smallest budget that fits: {format_size(plan.min_budget_bytes)} "
-                 f"({plan.min_budget_reason})")
-    lines.append("fits: yes" if plan.fits else f"fits: NO - {plan.reason}")
-    return "\n".join(lines)
-
-
-def _align_line(stage: StagePlan) -> str:
-    """What the align row's passes mean: the usual count, not a promise, and the cap."""
-    return (f"  align sweeps until converged: {stage.passes} estimated, at most "
-            f"{stage.max_passes} (pacer.max_sweeps); per sweep "
-            f"{format_size(stage.read_bytes // stage.passes)}, "
-            f"{_duration(stage.seconds['cpu'] / stage.passes)} cpu")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def check_device(device: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import PlanConfig
+from .config_schema import PlanConfig
 from .errors import PacerError
 from .inputs import ModelSet
 from .io.reader import CheckpointIndex

@@ -35,7 +35,7 @@ from .io.header import TensorInfo
 from .io.sources import ModelFiles, ModelRef
 
 if TYPE_CHECKING:
-    from .config import ModelEntry, PlanConfig
+    from .config_schema import ModelEntry, PlanConfig
     from .inputs import ModelSet
     from .io.reader import CheckpointIndex
 

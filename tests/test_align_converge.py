@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pacer_stream.config import PACER_DEFAULTS
+from pacer_stream.config_schema import PACER_DEFAULTS
 from test_align import noisy_permuted
 
 NOISE = 1.3

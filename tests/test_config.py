@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pacer_stream.config import PACER_DEFAULTS, load_plan, parse_plan
+from pacer_stream.config import load_plan, parse_plan
+from pacer_stream.config_schema import PACER_DEFAULTS
 from pacer_stream.errors import PacerError
 
 ROOT = Path(__file__).resolve().parents[1]

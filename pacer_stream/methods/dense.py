@@ -67,7 +67,7 @@ from .sparsify import (MagnitudeSelect, OutlierBand, dare_keep, della_probabilit
 from .vocabulary import merge_rows
 
 if TYPE_CHECKING:
-    from ..config import PlanConfig
+    from ..config_schema import PlanConfig
 
 L1_EPS = 1e-7  # mergekit's tolerance below which no rescaling happens
 
@@ -150,7 +150,7 @@ class MethodParams:
         """From a plan's values for one tensor: per-model values win over plan-level
         ``parameters``. ``models`` are the plan's model entries or, for one tensor, each
         model's values as a mapping (methods/schedule.py resolves filters and gradients to
-        such scalars). Types and ranges were checked with the plan (config.py); what only
+        such scalars). Types and ranges were checked with the plan (config_methods.py); what only
         the combination shows is checked here."""
         if method not in METHODS:
             raise PacerError(f"method {method!r} is not a dense method ({', '.join(METHODS)})")
