@@ -18,7 +18,7 @@ position: the elements come in the model's file order (tensor by tensor, row
 major), and the first ones are kept, so exactly k positions are selected.
 
 Everything here works on one slice of one tensor at a time; the streaming
-passes live in :mod:`pacer_stream.split_job`. No result may depend on where the
+passes live in :mod:`pacer_stream.stages.split_passes`. No result may depend on where the
 slices are cut (that follows the memory budget): G is summed in fixed row groups
 of each tensor (:func:`gram_group_rows`), which a slice never splits, and η is
 computed element by element.
