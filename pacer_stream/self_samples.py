@@ -44,7 +44,7 @@ Reader = Callable[[str], torch.Tensor]
 def writes_samples(config: dict) -> bool:
     """Whether a model of this config.json can write samples: the decoders runtime/blocks.py
     runs (not a ViT, not an encoder)."""
-    from .runtime.blocks import DECODERS
+    from .runtime.block_families import DECODERS
 
     return config.get("model_type") in DECODERS
 
