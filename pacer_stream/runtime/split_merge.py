@@ -44,7 +44,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import PacerError
-from .router import RouterBank, quiet_loading
+from .embedder import quiet_loading
+from .router import RouterBank
 
 ETA_FORMAT = "pacer-split-merge-eta"
 INFO_FILE = "split_merge.json"
