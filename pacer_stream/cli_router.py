@@ -163,7 +163,7 @@ def _read_route_lines(path: Path) -> list[tuple[int, str]]:
 
 def _coefficients(names: list[str], split_merge: Path) -> dict[str, float]:
     """c_t per router expert, from a Split-Merge output's split_merge.json."""
-    from .runtime.split_merge import match_experts, read_info
+    from .runtime.split_output import match_experts, read_info
 
     info = read_info(split_merge)
     matched = match_experts(names, [str(m) for m in info["models"]])

@@ -12,7 +12,8 @@ transformers is imported only when a model or an embedder is actually loaded.
 
 from .embedder import Embedder, default_embedder_path
 from .router import RouterBank, read_samples, route_weights
-from .split_merge import SplitMergeModel, TaskVectorModel, load_eta, read_info
+from .split_merge import SplitMergeModel, TaskVectorModel
+from .split_output import load_eta, read_info
 
 __all__ = ["Embedder", "RouterBank", "default_embedder_path", "read_samples", "route_weights",
            "SplitMergeModel", "TaskVectorModel", "load_eta", "read_info"]
