@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pacer_stream.export.modeling_vit_moe import (ViTMoeConfig,  # noqa: E402
-                                                  ViTMoeForImageClassification)
+from pacer_stream.export.configuration_vit_moe import ViTMoeConfig  # noqa: E402
+from pacer_stream.export.modeling_vit_moe import ViTMoeForImageClassification  # noqa: E402
 from pacer_stream.runtime.tome import apply_tome, max_merges  # noqa: E402
 
 MODEL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,

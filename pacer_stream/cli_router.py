@@ -109,7 +109,8 @@ def route(bank_dir: Path, text: str | None, lines_file: Path | None, out: Path |
           split_merge: Path | None, embedder: Path | None, as_json: bool, quiet: bool) -> None:
     """Route TEXT (or every line of --file) with the router in BANK_DIR: scores and
     weights per expert."""
-    from .runtime.router import Embedder, RouterBank, check_temperature, check_top_k
+    from .runtime.embedder import Embedder
+    from .runtime.router import RouterBank, check_temperature, check_top_k
 
     # Everything the user can get wrong is checked before the embedder loads.
     _check_route_args(text, lines_file, out, force)
@@ -162,7 +163,7 @@ def _read_route_lines(path: Path) -> list[tuple[int, str]]:
 
 def _coefficients(names: list[str], split_merge: Path) -> dict[str, float]:
     """c_t per router expert, from a Split-Merge output's split_merge.json."""
-    from .runtime.split_merge import match_experts, read_info
+    from .runtime.split_output import match_experts, read_info
 
     info = read_info(split_merge)
     matched = match_experts(names, [str(m) for m in info["models"]])

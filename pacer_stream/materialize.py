@@ -24,7 +24,7 @@ from .io.reader import CheckpointIndex
 from .io.sources import LocalFolder
 from .preflight import overlap
 from .io.writer import OutTensor, Shard, ShardWriter, plan_shards
-from .runtime.split_merge import Eta, load_eta, read_info, resolve_expert
+from .runtime.split_output import Eta, load_eta, read_info, resolve_expert
 
 
 def materialize(folder: Path, to: Path, expert: str | None = None,

@@ -11,7 +11,8 @@ import math
 import torch
 
 from . import __version__
-from .export.card import model_card, plan_as_run, write_card, write_plan
+from .export.card import model_card, write_card
+from .export.plan_file import plan_as_run, write_plan
 from .export.dense import copy_side_files
 from .io.reader import CheckpointIndex
 from .io.writer import write_atomic

@@ -17,7 +17,7 @@ Generation, for model k::
 
 with a generator seeded by (plan seed, k), on the CPU in fp32 (the softmax in fp64): the
 same tokens on every run and device. Each step runs one new position through every block
-with the keys and values of the earlier ones cached (runtime/blocks.py ``step``), reading
+with the keys and values of the earlier ones cached (runtime/decoder_blocks.py ``step``), reading
 the tensors through a byte-bounded cache (calibration.TensorCache): a model that fits it
 is read once, a larger one once per step, LENGTH times. A sequence ends at the model's
 end-of-sequence token (its length stops there; later tokens are padding).
@@ -44,7 +44,7 @@ Reader = Callable[[str], torch.Tensor]
 def writes_samples(config: dict) -> bool:
     """Whether a model of this config.json can write samples: the decoders runtime/blocks.py
     runs (not a ViT, not an encoder)."""
-    from .runtime.blocks import DECODERS
+    from .runtime.block_families import DECODERS
 
     return config.get("model_type") in DECODERS
 

@@ -20,8 +20,8 @@ from pacer_stream import failpoints
 from pacer_stream.cli import main
 from pacer_stream.config import load_plan, parse_plan
 from pacer_stream.config_schema import OutputSpec
-from pacer_stream.export.card import (PLAN_FILE, model_card, plan_as_run, plan_yaml,
-                                      shared_license, task)
+from pacer_stream.export.card import model_card, shared_license, task
+from pacer_stream.export.plan_file import PLAN_FILE, plan_as_run, plan_yaml
 from pacer_stream.io.reader import CheckpointIndex
 from pacer_stream.io.sources import LocalFolder
 

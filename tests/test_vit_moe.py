@@ -21,9 +21,10 @@ from transformers import (AutoModelForImageClassification, ViTConfig,  # noqa: E
                           ViTForImageClassification, ViTModel)
 
 from pacer_stream.errors import PacerError  # noqa: E402
-from pacer_stream.export.modeling_vit_moe import (ToMeState, ViTMoeConfig,  # noqa: E402
-                                                  ViTMoeModel, ViTMoeSparseMlp, unmerge_tokens)
+from pacer_stream.export.configuration_vit_moe import ViTMoeConfig  # noqa: E402
+from pacer_stream.export.modeling_vit_moe import ViTMoeModel, ViTMoeSparseMlp  # noqa: E402
 from pacer_stream.export.moe import moe_parameter_count  # noqa: E402
+from pacer_stream.export.token_merging_vit_moe import ToMeState, unmerge_tokens  # noqa: E402
 from pacer_stream.export.vit_moe import (VitMoeLayout, vit_moe_config,  # noqa: E402
                                          vit_moe_recipes, write_modeling)
 from pacer_stream.runtime.tome import apply_tome, bipartite_soft_matching, remove_tome  # noqa: E402
@@ -306,6 +307,7 @@ def test_bare_vit_model_exports_without_prefix():
     config = vit_moe_config({**model.config.to_dict(), "architectures": ["ViTModel"]}, LAYOUT)
     assert config["architectures"] == ["ViTMoeModel"] and config["add_pooling_layer"] is True
     assert config["auto_map"]["AutoModel"] == "modeling_vit_moe.ViTMoeModel"
+    assert config["auto_map"]["AutoConfig"] == "configuration_vit_moe.ViTMoeConfig"
     moe = ViTMoeModel(ViTMoeConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     assert sorted(r.name for r in recipes) == sorted(moe.state_dict())
 

@@ -1,38 +1,39 @@
-"""The output folder describes itself: ``pacer_plan.yaml`` and the model card ``README.md``.
+"""The model card: the output folder's ``README.md``, which says how the model was made.
 
-``pacer_plan.yaml`` is the plan as run (every default filled in, paths absolute, hub ids
-pinned to the commit that was read when the cache tells it, the effective shard size), so
-``pacer-stream run`` on a copy of it makes the same weights again. ``README.md`` is the
-model card the Hugging Face Hub reads: YAML front matter (``base_model``, ``library_name``,
-``tags``, ``pipeline_tag`` and, when every input declares the same one, ``license``), then
-the method, the command, how to reproduce the run and how to load the output.
+``README.md`` is the model card the Hugging Face Hub reads: YAML front matter
+(``base_model``, ``library_name``, ``tags``, ``pipeline_tag`` and, when every input
+declares the same one, ``license``), then the method, the command, how to reproduce the
+run from ``pacer_plan.yaml`` (the plan as run, :mod:`.plan_file`) and how to load the
+output.
 
-Neither file holds a timestamp or anything else that differs between a run and its resume:
-a killed run resumed with the same command writes both byte for byte again. The command is
+The card holds no timestamp or anything else that differs between a run and its resume:
+a killed run resumed with the same command writes it byte for byte again. The command is
 recorded without the options that do not change the output (``--max-memory`` and the like,
 see :data:`UNRECORDED_OPTIONS`), so runs under other budgets write the same card too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
 from .. import __version__
-from ..config import DENSE_ONLY_PACER_KEYS, PlanConfig
+from ..config import PlanConfig
 from ..errors import PacerError
 from ..io.reader import CheckpointIndex
-from ..io.sources import ModelFiles, ModelRef
 from ..io.writer import write_atomic
-from ..slices import slice_models
 from .llamacpp import LLAMACPP
+from .plan_file import PLAN_FILE, input_refs, plan_as_run, ref_text, write_plan
 
-PLAN_FILE = "pacer_plan.yaml"
+# plan_as_run and write_plan are plan_file.py's; they stay importable from here, where the
+# executor imports them with model_card and write_card.
+__all__ = ["CARD_FILE", "UNRECORDED_OPTIONS", "base_model_names", "front_matter", "model_card",
+           "plan_as_run", "shared_license", "task", "write_card", "write_plan"]
+
 CARD_FILE = "README.md"
 # `pacer-stream run` options left out of the recorded command: none changes the output's bytes
 UNRECORDED_OPTIONS = ("--max-memory", "--state-dir", "--restart", "--force", "--hash-inputs",
@@ -47,147 +48,6 @@ TASKS = (("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
 IMAGE_TYPES = ("vit", "vit_moe")
 ENCODER_TYPES = ("bert", *IMAGE_TYPES)  # no architectures: every other family is a decoder
 LICENSE_KEYS = ("license", "license_name", "license_link")  # license: other names its own
-PLAN_HEADER = """\
-# The plan this folder was made with, written by pacer-stream {version} when the run finished:
-# every setting as validated (defaults filled in), paths absolute, hub ids with their revision.
-# A plan may not lie inside its own output folder: to re-run it, copy this file out, set
-# output.path to a new folder, and run  pacer-stream run pacer_plan.yaml
-"""
-
-
-# -- pacer_plan.yaml ---------------------------------------------------------------------
-
-
-def ref_text(ref: ModelRef) -> str:
-    """A reference as a plan writes it unambiguously: the absolute folder, or org/name@rev."""
-    if ref.path is not None:
-        return str(ref.path)
-    return f"{ref.repo_id}@{ref.revision}" if ref.revision else str(ref.repo_id)
-
-
-def plan_dict(config: PlanConfig) -> dict[str, Any]:
-    """``config`` as the plain mapping of a plan file that parses back to it."""
-    out: dict[str, Any] = {
-        "project_name": config.project_name,
-        "method": config.method,
-        "parameters": dict(config.parameters),
-        "seed": config.seed,
-        "align": config.align,
-        "accept_config_differences": list(config.accept_config_differences),
-        "output": {f.name: _plain(getattr(config.output, f.name))
-                   for f in dataclasses.fields(config.output)},
-    }
-    if config.slices:
-        out["slices"] = [{"sources": [{**_entry(s.entry), "layer_range": [s.start, s.end]}
-                                      for s in piece.sources],
-                          "parameters": dict(piece.parameters)} for piece in config.slices]
-    else:
-        out["models"] = [_entry(e) for e in config.models]
-    if config.base_model is not None:
-        out["base_model"] = ref_text(config.base_model)
-    pacer = _pacer_dict(config)
-    if pacer:
-        out["pacer"] = pacer
-    return out
-
-
-def plan_yaml(config: PlanConfig) -> str:
-    """``pacer_plan.yaml``'s text: a header comment, then the plan (sorted keys: the same
-    plan always gives the same bytes)."""
-    body = yaml.safe_dump(plan_dict(config), sort_keys=True, allow_unicode=True)
-    return PLAN_HEADER.format(version=__version__) + body
-
-
-def _entry(entry) -> dict[str, Any]:
-    return {"model": ref_text(entry.ref), **entry.parameters}
-
-
-def _pacer_dict(config: PlanConfig) -> dict[str, Any]:
-    """The ``pacer`` keys the method reads, as validated: all of them for pacer, the
-    alignment's for another method that aligns, none otherwise (the parser refuses the
-    rest, and PacerKit's dropout_rate, which PACER refuses)."""
-    if config.method == "pacer":
-        keys = [k for k in config.pacer if k not in DENSE_ONLY_PACER_KEYS]
-    elif config.align:
-        keys = ["anchor_strategy", "max_sweeps"]
-    else:
-        return {}
-    pacer = {k: _plain(config.pacer[k]) for k in keys}
-    samples = config.pacer.get("router_samples")
-    if "router_samples" in pacer and samples:
-        pacer["router_samples"] = {ref_text(config.models[k].ref): str(path)
-                                   for k, path in sorted(samples.items())}
-    return pacer
-
-
-def _plain(value: Any) -> Any:
-    """A plan value as YAML writes it (a reference or path as its text, tuples as lists)."""
-    if isinstance(value, ModelRef):
-        return ref_text(value)
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def plan_as_run(config: PlanConfig, inputs: Sequence[CheckpointIndex],
-                shard_size: int) -> PlanConfig:
-    """The plan that reproduces this run: ``--shard-size`` folded in, and hub models
-    pinned to the commit read (``inputs``: the models' indexes, then the base's)."""
-    if config.slices:  # virtual inputs (slices.py): their files hold each real model's
-        by_ref = [(ref, _pinned(ref, files))
-                  for ref, files in zip(_refs(config), inputs[0].files.members)]
-
-        def pin(ref):
-            return next((p for r, p in by_ref if r == ref), ref) if isinstance(ref, ModelRef) \
-                else ref
-    else:
-        pinned = {id(ref): _pinned(ref, index.files)
-                  for ref, index in zip(_refs(config), inputs)}
-
-        def pin(ref):
-            return pinned.get(id(ref), ref) if isinstance(ref, ModelRef) else ref
-
-    pacer = {**config.pacer, "anchor_strategy": pin(config.pacer["anchor_strategy"])}
-    source = config.output.tokenizer_source  # its own reference, equal to one of the inputs'
-    if isinstance(source, ModelRef):
-        source = next(pin(ref) for ref in _refs(config) if ref == source)
-    slices = tuple(dataclasses.replace(piece, sources=tuple(
-        dataclasses.replace(s, entry=dataclasses.replace(s.entry, ref=pin(s.ref)))
-        for s in piece.sources)) for piece in config.slices)
-    return dataclasses.replace(
-        config, models=tuple(dataclasses.replace(e, ref=pin(e.ref)) for e in config.models),
-        base_model=pin(config.base_model), pacer=pacer, slices=slices,
-        output=dataclasses.replace(config.output, shard_size=shard_size,
-                                   tokenizer_source=source))
-
-
-def _refs(config: PlanConfig) -> list[ModelRef]:
-    """The models' references, then the base model's (the order of the run's inputs); for
-    a sliced plan, every model its slices read, once each, in order of first use."""
-    if config.slices:
-        return slice_models(config.slices)
-    return [e.ref for e in config.models] + ([config.base_model] if config.base_model else [])
-
-
-def _pinned(ref: ModelRef, files: ModelFiles) -> ModelRef:
-    """A hub reference at the commit its cached config.json came from (the cache's
-    ``snapshots/<commit>/``); the reference as written when that is not known."""
-    if ref.repo_id is None:
-        return ref
-    try:
-        cached = files.local_path("config.json")
-    except (PacerError, OSError, ValueError):
-        return ref
-    if cached is None or Path(cached).parent.parent.name != "snapshots":
-        return ref
-    commit = Path(cached).parent.name
-    return ModelRef(f"{ref.repo_id}@{commit}", repo_id=ref.repo_id, revision=commit)
-
-
-def write_plan(out_dir: Path, config: PlanConfig) -> None:
-    write_atomic(out_dir / PLAN_FILE, plan_yaml(config))
 
 
 # -- README.md: front matter -------------------------------------------------------------
@@ -249,7 +109,7 @@ def task(config: dict) -> tuple[str, str]:
 def base_model_names(config: PlanConfig) -> list[str]:
     """The hub's ``base_model`` list: hub inputs by repo id, local ones by folder name (a
     local path names nothing on the hub; its folder name is what an upload usually keeps)."""
-    names = [ref.repo_id if ref.repo_id else ref.path.name for ref in _refs(config)]
+    names = [ref.repo_id if ref.repo_id else ref.path.name for ref in input_refs(config)]
     return list(dict.fromkeys(names))
 
 
@@ -283,7 +143,7 @@ def model_card(config: PlanConfig, inputs: list[CheckpointIndex], family: str,
     everyone = list(inputs) + ([base] if base is not None else [])
     lines = _front(config, out_config, moe, shared_license(everyone))
     lines += [f"# {config.project_name}", "",
-              f"A `{config.method}` merge of {len(_refs(config))} {family} checkpoints, made "
+              f"A `{config.method}` merge of {len(input_refs(config))} {family} checkpoints, made "
               f"with pacer-stream {__version__}.", ""]
     lines += _inputs(config, inputs, params)
     lines += _method(config, params)

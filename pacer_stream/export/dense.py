@@ -1,5 +1,5 @@
-"""Output folder files for a dense merge: config and tokenizer (the model card and
-the plan as run are export/card.py's)."""
+"""Output folder files for a dense merge: config and tokenizer (the model card is
+export/card.py's, the plan as run export/plan_file.py's)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Export of a partially upcycled ViT as a ViT-MoE checkpoint with its own modeling code.
 
-No stock transformers class is a ViT with MoE blocks, so the output folder carries
-``modeling_vit_moe.py`` (copied verbatim from this package, see :func:`write_modeling`)
-and a config.json whose ``auto_map`` points at it; it loads with
+No stock transformers class is a ViT with MoE blocks, so the output folder carries its
+own code, copied verbatim from this package (:func:`write_modeling`) in transformers'
+layout: ``modeling_vit_moe.py`` (the model), which imports ``configuration_vit_moe.py``
+(the config class) and ``token_merging_vit_moe.py`` (ToMe) relatively, and a config.json
+whose ``auto_map`` points at the config and model classes; it loads with
 ``AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)``.
 
 An upcycled block's MLP (``intermediate.dense`` = fc1, ``output.dense`` = fc2, both with
@@ -30,10 +32,11 @@ from ..errors import PacerError
 from ..io.writer import write_atomic
 from .moe import DENSE_HINT, OutRecipe, check_layout
 
-MODELING_FILE = "modeling_vit_moe.py"
-MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
+# The code a ViT-MoE output carries. modeling_vit_moe.py imports the other two relatively;
+# transformers copies such imports along when it loads the folder, so all three must be there.
+MODELING_FILES = ("configuration_vit_moe.py", "token_merging_vit_moe.py", "modeling_vit_moe.py")
 AUTO_MAP = {
-    "AutoConfig": "modeling_vit_moe.ViTMoeConfig",
+    "AutoConfig": "configuration_vit_moe.ViTMoeConfig",
     "AutoModel": "modeling_vit_moe.ViTMoeModel",
     "AutoModelForImageClassification": "modeling_vit_moe.ViTMoeForImageClassification",
 }
@@ -136,8 +139,9 @@ def _has_classifier(architectures: list[str]) -> bool:
 
 
 def write_modeling(out_dir: Path) -> None:
-    """Copy the standalone ViT-MoE modeling code into the output folder."""
-    write_atomic(Path(out_dir) / MODELING_FILE, MODELING_SOURCE.read_bytes())
+    """Copy the standalone ViT-MoE code (config, token merging, model) into the output folder."""
+    for name in MODELING_FILES:
+        write_atomic(Path(out_dir) / name, Path(__file__).with_name(name).read_bytes())
 
 
 # -- output tensors --------------------------------------------------------------

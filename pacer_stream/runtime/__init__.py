@@ -10,8 +10,10 @@
 transformers is imported only when a model or an embedder is actually loaded.
 """
 
-from .router import Embedder, RouterBank, default_embedder_path, read_samples, route_weights
-from .split_merge import SplitMergeModel, TaskVectorModel, load_eta, read_info
+from .embedder import Embedder, default_embedder_path
+from .router import RouterBank, read_samples, route_weights
+from .split_merge import SplitMergeModel, TaskVectorModel
+from .split_output import load_eta, read_info
 
 __all__ = ["Embedder", "RouterBank", "default_embedder_path", "read_samples", "route_weights",
            "SplitMergeModel", "TaskVectorModel", "load_eta", "read_info"]

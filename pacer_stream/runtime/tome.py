@@ -14,23 +14,21 @@ proportional (log token size added to the logits). A ViT-MoE written by pacer-st
 (``modeling_vit_moe.py``) does the same through ``config.tome_r``; ``apply_tome`` on it
 sets that field.
 
-The implementation lives in the standalone modeling file that pacer-stream copies into
-ViT-MoE output folders, so exported models and plain ViTs share one code path; this
-module only re-exports it.
+The implementation lives in the standalone files that pacer-stream copies into ViT-MoE
+output folders (token_merging_vit_moe.py, and modeling_vit_moe.py for ``apply_tome``), so
+exported models and plain ViTs share one code path; this module only re-exports it.
 """
 
 from __future__ import annotations
 
-from ..export.modeling_vit_moe import (
+from ..export.modeling_vit_moe import ToMeViTLayer, apply_tome, remove_tome
+from ..export.token_merging_vit_moe import (
     ToMeState,
-    ToMeViTLayer,
-    apply_tome,
     bipartite_soft_matching,
     max_merges,
     merge_source,
     merge_wavg,
     proportional_attention,
-    remove_tome,
     tome_block,
     unmerge_tokens,
 )
