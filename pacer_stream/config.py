@@ -34,16 +34,15 @@ from .config_methods import (BASE_METHODS, METHODS, MODEL_COUNTS, PARAMETER_KEYS
                              check_used)
 from .config_models import (anchor_ref, base_of, check_tokenizer_source, model_entry,
                             parse_output, parse_slices)
-from .config_pacer import (ALIGN_PACER_KEYS, DENSE_ONLY_PACER_KEYS, DENSE_RULES,
+from .config_pacer import (ALIGN_PACER_KEYS, DENSE_RULES,
                            VOCABULARY_RULES, check_pacer, check_pacer_dense, router_kind,
                            router_samples, sample_rule)
 from .config_schema import ANCHORS, PACER_DEFAULTS, PlanConfig, as_mapping, check_keys, suggest
 from .errors import PacerError
 from .io.sources import parse_ref
 
-# The entry points, and PlanConfig, which most callers import from here; export/card.py
-# also reads DENSE_ONLY_PACER_KEYS from here.
-__all__ = ["load_plan", "parse_plan", "PlanConfig", "DENSE_ONLY_PACER_KEYS"]
+# The entry points, and PlanConfig, which most callers import from here.
+__all__ = ["load_plan", "parse_plan", "PlanConfig"]
 
 TOP_KEYS = ("project_name", "models", "slices", "base_model", "output", "method", "parameters",
             "pacer", "seed", "align", "accept_config_differences")

@@ -78,6 +78,7 @@ def local(tmp_path_factory, fixtures_dir) -> dict[str, Path]:
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ties", "pacer", "split_merge"])
 def test_ray_writes_the_local_backends_bytes(method, cluster, local, tmp_path, fixtures_dir):
     summary = merge(write_plan(tmp_path, fixtures_dir, method, "ray"), "ray", layout=None)
@@ -91,6 +92,7 @@ def test_ray_writes_the_local_backends_bytes(method, cluster, local, tmp_path, f
         assert any(key.startswith("consensus/") for key in report["units"])
 
 
+@pytest.mark.slow
 def test_unit_layout_holds_the_default_layouts_tensors(local, tmp_path, fixtures_dir):
     merge(write_plan(tmp_path, fixtures_dir, "ties", "sized"), "local", layout=None)
     by_size, by_unit = tensors(tmp_path / "sized"), tensors(local["ties"])
@@ -100,6 +102,7 @@ def test_unit_layout_holds_the_default_layouts_tensors(local, tmp_path, fixtures
     assert all(by_size[k].equal(by_unit[k]) for k in by_size)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_unit_is_retried(cluster, local, tmp_path, fixtures_dir):
     cluster.arm.write_text("tensor-written:2")  # the first worker to write two tensors dies
     merge(write_plan(tmp_path, fixtures_dir, "ties", "killed"), "ray")
@@ -107,6 +110,7 @@ def test_a_worker_killed_mid_unit_is_retried(cluster, local, tmp_path, fixtures_
     assert digests(tmp_path / "killed") == digests(local["ties"])
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes(cluster, local, tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, "ties", "driver")
     args = ("--backend", "ray", "--address", cluster.address, "--max-memory", str(BUDGET))

@@ -27,17 +27,12 @@ from ..errors import PacerError
 from ..io.reader import CheckpointIndex
 from ..io.writer import write_atomic
 from .llamacpp import LLAMACPP
-from .plan_file import PLAN_FILE, input_refs, plan_as_run, ref_text, write_plan
-
-# plan_as_run and write_plan are plan_file.py's; they stay importable from here, where the
-# executor imports them with model_card and write_card.
-__all__ = ["CARD_FILE", "UNRECORDED_OPTIONS", "base_model_names", "front_matter", "model_card",
-           "plan_as_run", "shared_license", "task", "write_card", "write_plan"]
+from .plan_file import PLAN_FILE, input_refs, ref_text
 
 CARD_FILE = "README.md"
 # `pacer-stream run` options left out of the recorded command: none changes the output's bytes
 UNRECORDED_OPTIONS = ("--max-memory", "--state-dir", "--restart", "--force", "--hash-inputs",
-                      "--quiet", "--debug")
+                      "--quiet", "--debug", "--backend", "--address")
 # architectures suffix -> (pipeline_tag, transformers Auto class)
 TASKS = (("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
          ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),

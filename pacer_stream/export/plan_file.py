@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import yaml
 
 from .. import __version__
-from ..config import DENSE_ONLY_PACER_KEYS, PlanConfig
+from ..config import PlanConfig
+from ..config_pacer import DENSE_ONLY_PACER_KEYS
 from ..errors import PacerError
 from ..io.reader import CheckpointIndex
 from ..io.sources import ModelFiles, ModelRef
