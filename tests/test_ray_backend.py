@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from pacer_stream.cli import main
 from pacer_stream.config import load_plan
+from pacer_stream.errors import PacerError
 from pacer_stream.job import RunOptions
 from pacer_stream.run import run_merge
 from runs import digests, fails_with, run_cli
@@ -132,6 +134,34 @@ def test_bad_backend_options_are_refused(tmp_path, fixtures_dir):
     fails_with(runner.invoke(main, ["run", str(plan), "--address", "127.0.0.1:6379"]),
                "--backend ray")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_dead_address_is_refused_at_once(tmp_path, fixtures_dir):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = write_plan(tmp_path, fixtures_dir, "ties", "dead")
+    fails_with(CliRunner().invoke(main, ["run", str(plan), "--backend", "ray", "--address",
+                                         f"127.0.0.1:{port}"]), "no Ray cluster answers")
+    assert not (tmp_path / "dead").exists()
+
+
+@pytest.mark.slow
+def test_a_task_too_big_for_every_machine_is_refused(cluster, tmp_path, fixtures_dir,
+                                                    monkeypatch):
+    import ray
+
+    from pacer_stream import accounting
+
+    largest = max(node["Resources"]["memory"] for node in ray.nodes() if node["Alive"])
+    # every task's process base alone is more than any machine offers (Ray would queue the
+    # tasks forever)
+    monkeypatch.setattr(accounting, "PROCESS_BASE_BYTES", int(largest) + 1)
+    plan = write_plan(tmp_path, fixtures_dir, "ties", "huge")
+    with pytest.raises(PacerError, match="more than the largest machine"):
+        run_merge(load_plan(plan), RunOptions(budget=int(largest * 4), backend="ray", quiet=True))
+    assert not list((tmp_path / "huge").glob("*.safetensors"))
 
 
 def test_without_ray_the_error_says_how_to_install(tmp_path, fixtures_dir, monkeypatch):

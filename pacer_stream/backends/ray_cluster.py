@@ -15,9 +15,11 @@ run would, and the next run resumes it.
 from __future__ import annotations
 
 import pickle
+import socket
 
 from ..errors import PacerError
 from ..job import MergeContext, RunOptions
+from ..sizes import format_size
 
 INSTALL = 'pip install "pacer-stream[ray]"'
 RETRIES = 3  # a unit whose worker died is run again this many times
@@ -38,14 +40,17 @@ class RayBackend:
     def __init__(self, config, options: RunOptions) -> None:
         self.ray = ray = import_ray()
         if not ray.is_initialized():
+            if options.address is not None:
+                check_address(options.address)  # Ray itself retries a dead one for minutes
             try:
                 ray.init(address=options.address, log_to_driver=False,
-                         include_dashboard=False, configure_logging=False)
+                         include_dashboard=False, logging_level="ERROR")
             except ConnectionError as exc:
                 raise PacerError(f"--address {options.address}: no Ray cluster answers there "
                                  f"({str(exc).splitlines()[0]}); start one with `ray start "
                                  "--head`, or leave --address out to start one here") from None
         self.spec = pickle.dumps((config, options))
+        self.budget = options.budget
         self._unit = ray.remote(max_retries=RETRIES)(unit_task)
         self._align = ray.remote(max_retries=RETRIES)(align_task)
 
@@ -55,7 +60,8 @@ class RayBackend:
         shared = self.ray.put(stage.shared(ctx)) if hasattr(stage, "shared") else None
         # one figure for the stage, its largest unit's: tasks that ask for the same
         # resources share worker processes (each new shape would start its own)
-        task = self._unit.options(num_cpus=1, memory=max(stage.memory(ctx, u) for u in units))
+        task = self._unit.options(num_cpus=1, memory=self._memory(
+            ctx, stage.name, max(stage.memory(ctx, u) for u in units)))
         refs = [task.remote(self.spec, stage, shared, u) for u in units]
         yield from self._in_order(ctx, units, refs)
 
@@ -70,11 +76,25 @@ class RayBackend:
             shared = self.ray.put(sweep)
             need = max(acct.align_bytes(acct.align_unit_need(graph, u), d, len(sweep.perms))
                        for u in graph.units if u.name in units)
-            task = self._align.options(num_cpus=1, memory=acct.PROCESS_BASE_BYTES + need)
+            task = self._align.options(num_cpus=1, memory=self._memory(
+                ctx, "align", acct.PROCESS_BASE_BYTES + need))
             refs = [task.remote(self.spec, shared, name) for name in units]
             for _, shares in self._in_order(ctx, units, refs):
                 yield shares
         return map_units
+
+    def _memory(self, ctx: MergeContext, stage: str, need: int) -> int:
+        """``need``, refused up front if no machine of the cluster offers that much to its
+        tasks: Ray would queue the tasks forever."""
+        largest = max((node["Resources"].get("memory", 0) for node in self.ray.nodes()
+                       if node.get("Alive")), default=0)
+        if need > largest:
+            raise PacerError(f"the {stage} stage's tasks need {format_size(need)} each "
+                             f"(--max-memory {format_size(ctx.budget)}), more than the largest "
+                             f"machine of the Ray cluster offers its tasks "
+                             f"({format_size(int(largest))}); give a smaller --max-memory "
+                             "(each task stays inside it), or machines with more memory")
+        return need
 
     def _in_order(self, ctx: MergeContext, units: list[str], refs: list):
         """Results in unit order; the bytes a task read join this run's count. Tasks not
@@ -97,6 +117,18 @@ class RayBackend:
 
     def close(self) -> None:
         pass
+
+
+def check_address(address: str) -> None:
+    """Refuse at once an address where nothing listens."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not host:port"
+        raise PacerError(f"--address {address}: no Ray cluster answers there ({reason}); "
+                         "start one with `ray start --head`, or leave --address out to start "
+                         "one on this machine") from None
 
 
 # -- in the worker ------------------------------------------------------------------
