@@ -141,7 +141,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pacer-bench"))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--simulate-only", action="store_true",
+                        help="keep the measured part of the last results; redo the simulation")
     args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / "scale-vm"
+    if args.simulate_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+        results["simulated"] = simulate(args.work)
+        return write(out, results)
+    # `ray start` clusters (Ray 2.59+) take drivers that send their token
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     args.work.mkdir(parents=True, exist_ok=True)
     root = family(args.work)
     results: dict = {"machine": machine(), "cases": {}, "ray": {}, "simulated": {}}
@@ -176,8 +185,10 @@ def main() -> int:
                   "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
             for key, runs in row.items()} | {"same_bytes_as_local_unit_layout": same}
     results["simulated"] = simulate(args.work)
-    out = ROOT / "benchmarks" / "results" / f"scale-{results['machine']['host'][:12] or 'vm'}"
-    out = out.with_name("scale-vm")
+    return write(out, results)
+
+
+def write(out: Path, results: dict) -> int:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(results))
     print(render(results))

@@ -21,12 +21,12 @@ import heapq
 from dataclasses import asdict, dataclass
 
 from . import accounting as acct
-from .plan_report import Plan, UnitPlan
+from .plan_report import Plan, UnitPlan, duration
 from .planner import ALIGN_SWEEPS_EXPECTED
 
 # measured on this machine's local Ray cluster (benchmarks/results/scale-vm.md)
-RAY_TASK_SECONDS = 0.02  # scheduling a task and returning its result
-RAY_WORKER_SECONDS = 4.0  # a worker process: Python, torch, pacer-stream, the run's headers
+RAY_TASK_SECONDS = 0.001  # scheduling a task and returning its result (1.0 ms measured)
+RAY_WORKER_SECONDS = 2.3  # a worker process: Python, torch, pacer-stream, the run's headers
 STORAGE_READ = 10e9  # bytes/s all machines together read from the shared storage
 NETWORK = 1.25e9  # bytes/s into the driver (10 GbE): the alignment shares come back
 
@@ -85,7 +85,8 @@ def estimate(plan: Plan, workers: int, storage_read: float = STORAGE_READ,
         one_process_seconds=plan.est_seconds["cpu"],
         stages={k: round(v, 1) for k, v in stages.items()},
         assumptions={
-            "machines": f"{workers}, each running one task at a time with the plan's budget",
+            "machines": f"{workers} machine{'s' * (workers != 1)}, each running one task at a "
+                        "time within the plan's budget",
             "machine_read_bytes_per_s": rate.disk_read, "machine_write_bytes_per_s": rate.disk_write,
             "storage_read_bytes_per_s": storage_read, "network_bytes_per_s": network,
             "ray_task_seconds": RAY_TASK_SECONDS, "ray_worker_seconds": RAY_WORKER_SECONDS,
@@ -119,19 +120,15 @@ def schedule(seconds: list[float], workers: int) -> float:
 
 
 def render(est: ClusterEstimate) -> str:
+    a = est.assumptions
     lines = [f"Ray, {est.workers} machine{'s' * (est.workers != 1)}: "
-             f"{_duration(est.seconds)} (one process: {_duration(est.one_process_seconds)}, "
+             f"{duration(est.seconds)} (one process: {duration(est.one_process_seconds)}, "
              f"{est.speedup:.1f}x)"]
-    lines += [f"  {name:<14}{_duration(s):>10}" for name, s in est.stages.items()]
-    lines.append("  assuming " + "; ".join(f"{k.replace('_', ' ')} {v:g}" if
-                                          isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-                                          for k, v in est.assumptions.items()))
+    lines += [f"  {name:<14}{duration(s):>10}" for name, s in est.stages.items()]
+    lines.append(f"  assuming: {a['machines']}; each reads {a['machine_read_bytes_per_s'] / 1e9:g} "
+                 f"GB/s, the shared storage {a['storage_read_bytes_per_s'] / 1e9:g} GB/s in all, "
+                 f"the network into the driver {a['network_bytes_per_s'] / 1e9:g} GB/s; Ray "
+                 f"{a['ray_task_seconds'] * 1e3:g} ms a task, {a['ray_worker_seconds']:g} s a "
+                 f"worker; {a['align_sweeps']} alignment sweeps; "
+                 f"{duration(a['driver_only_seconds'])} on the driver alone")
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

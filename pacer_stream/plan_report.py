@@ -117,14 +117,14 @@ def render(plan: Plan) -> str:
     ]
     for s in plan.stages:
         lines.append(f"  {s.name:<14}{s.passes:>7}{format_size(s.read_bytes):>12}"
-                     f"{format_size(s.write_bytes):>12}{_duration(s.seconds['cpu']):>12}"
-                     f"{_duration(s.seconds['gpu']):>12}")
+                     f"{format_size(s.write_bytes):>12}{duration(s.seconds['cpu']):>12}"
+                     f"{duration(s.seconds['gpu']):>12}")
     est = plan.est_seconds
-    startup = _duration(acct.STARTUP_SECONDS)
+    startup = duration(acct.STARTUP_SECONDS)
     lines += [
         f"  {'start-up':<14}{'':>7}{'':>12}{'':>12}{startup:>12}{startup:>12}",
         f"  {'total':<14}{'':>7}{format_size(plan.read_bytes):>12}"
-        f"{format_size(plan.write_bytes):>12}{_duration(est['cpu']):>12}{_duration(est['gpu']):>12}",
+        f"{format_size(plan.write_bytes):>12}{duration(est['cpu']):>12}{duration(est['gpu']):>12}",
         *(_align_line(s) for s in plan.stages if s.max_passes is not None),
         *([f"  calibrate (if a block is upcycled): router {plan.router}"] if plan.router else
           ["  no MLP block will be upcycled: experts need pacer.router_samples (or router: "
@@ -152,10 +152,10 @@ def _align_line(stage: StagePlan) -> str:
     return (f"  align sweeps until converged: {stage.passes} estimated, at most "
             f"{stage.max_passes} (pacer.max_sweeps); per sweep "
             f"{format_size(stage.read_bytes // stage.passes)}, "
-            f"{_duration(stage.seconds['cpu'] / stage.passes)} cpu")
+            f"{duration(stage.seconds['cpu'] / stage.passes)} cpu")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     if seconds < 3600:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from ..job import MergeContext
+from ..pipeline import run_steps
 
 
 class LocalBackend:
     name = "local"
 
     def map_stage(self, stage, ctx: MergeContext, units: list[str]):
-        """(unit, result) in unit order; a stage with ``run_units`` pipelines its reads
-        across units (the merge reads the next tensor while this one merges)."""
-        if hasattr(stage, "run_units"):
-            return stage.run_units(ctx, units)
+        """(unit, result) in unit order; a stepped stage's reads run ahead of its steps,
+        across unit boundaries too (pipeline.py)."""
+        if hasattr(stage, "steps"):
+            return run_steps(stage, ctx, units)
         return ((unit, stage.run_unit(ctx, unit)) for unit in units)
 
     def align_map(self, ctx: MergeContext):

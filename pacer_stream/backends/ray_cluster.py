@@ -39,16 +39,18 @@ class RayBackend:
 
     def __init__(self, config, options: RunOptions) -> None:
         self.ray = ray = import_ray()
-        if not ray.is_initialized():
-            if options.address is not None:
-                check_address(options.address)  # Ray itself retries a dead one for minutes
+        if options.address is not None:
+            check_address(options.address)  # Ray itself retries a dead one for minutes
+        if not ray.is_initialized():  # (a Python caller may have joined a cluster already)
             try:
                 ray.init(address=options.address, log_to_driver=False,
                          include_dashboard=False, logging_level="ERROR")
             except ConnectionError as exc:
-                raise PacerError(f"--address {options.address}: no Ray cluster answers there "
-                                 f"({str(exc).splitlines()[0]}); start one with `ray start "
-                                 "--head`, or leave --address out to start one here") from None
+                raise PacerError(f"--address {options.address}: the Ray cluster there did not "
+                                 f"take this driver ({str(exc).splitlines()[0]}); a cluster of "
+                                 "Ray 2.59 or newer wants its token: set RAY_AUTH_MODE=token, "
+                                 "with the token of `ray get-auth-token` in ~/.ray/auth_token "
+                                 "or RAY_AUTH_TOKEN") from None
         self.spec = pickle.dumps((config, options))
         self.budget = options.budget
         self._unit = ray.remote(max_retries=RETRIES)(unit_task)

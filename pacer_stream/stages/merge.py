@@ -1,20 +1,21 @@
 """The merge stage: every unit's output tensors, written into their shard slots.
 
-Per unit, each output recipe in order: a dense tensor merged by the method
+Per unit, each output recipe in order (a step): a dense tensor merged by the method
 (dense_stage.py) or copied (passthrough, non-float), a RegMean solution from the run
 state, every expert's copy of an upcycled MLP tensor (the mean of its cluster), a
-router's rows, or zeros. The next source tensor is read while this one is computed,
+router's rows, or zeros. The next source tensor may be read while this one is computed,
 where the budget leaves room (TensorReads.may_read_ahead). A unit's shards are fsynced
 before the runner marks it done.
 
-Units are independent: a Ray worker runs one with the products of the earlier stages
-it is handed (:meth:`MergeStage.shared`).
+The stage is stepped: pipeline.py runs the steps and the read-ahead, for either backend.
+Units are independent: a Ray worker runs one with the products of the earlier stages it
+is handed (:meth:`MergeStage.shared`).
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from ..io.writer import ShardWriter
 from ..job import CALIBRATED_ROUTERS, MergeContext
 from ..memory import peak_rss
 from ..methods.upcycle import Decision, expert_means, router_rows
+from ..pipeline import run_steps
 
 ROUTER_ROLES = ("mlp.gate", "mlp.up")  # the router prototypes come from these
 BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -68,41 +70,22 @@ class MergeStage:
         if ctx.regmean_names:
             ctx.regmean_solved = zarr.open_group(str(ctx.state_path / "regmean" / "solved"),
                                                  mode="r")
+    # -- the units, a step (an output tensor) at a time (pipeline.py) --------------------
 
-    # -- the units ----------------------------------------------------------------------
+    def steps(self, ctx: MergeContext, unit: str) -> list[OutRecipe]:
+        return ctx.output.unit_recipes.get(unit, [])
+
+    def read_ahead(self, ctx: MergeContext, step: OutRecipe, current: OutRecipe | None):
+        """The read of ``step``'s inputs, if it may run beside ``current``'s merge."""
+        if step.kind != "source" or not ctx.reads.may_read_ahead(current, step.source):
+            return None
+        return partial(ctx.reads.read_whole, step.source)
+
+    def begin(self, ctx: MergeContext) -> "UnitWriting":
+        return UnitWriting(ctx)
 
     def run_unit(self, ctx: MergeContext, unit: str) -> dict:
-        return next(self.run_units(ctx, [unit]))[1]
-
-    def run_units(self, ctx: MergeContext, units: list[str]):
-        """Yields (unit, what it did) as each unit's shards are synced."""
-        writer = ShardWriter(ctx.out_dir, ctx.shards)
-        if ctx.output.target is not None:
-            writer = TargetWriter(writer, ctx.output.target, ctx.output.out)
-        jobs = [(u, r) for u in units for r in ctx.output.unit_recipes[u]]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            def read_ahead(recipe: OutRecipe | None, current: OutRecipe | None):
-                if recipe is None or recipe.kind != "source" or \
-                        not ctx.reads.may_read_ahead(current, recipe.source):
-                    return None
-                return pool.submit(ctx.reads.read_whole, recipe.source)
-
-            pending = read_ahead(jobs[0][1], None) if jobs else None
-            start, read = time.perf_counter(), 0
-            for i, (unit, recipe) in enumerate(jobs):
-                raw = pending.result() if pending is not None else None
-                nxt = jobs[i + 1][1] if i + 1 < len(jobs) else None
-                pending = read_ahead(nxt, recipe)
-                read += write_recipe(ctx, recipe, raw, writer)
-                raw = None  # freed before the next tensor is taken
-                failpoints.hit("tensor-written")
-                if nxt is None or jobs[i + 1][0] != unit:
-                    writer.sync()
-                    yield unit, {"seconds": round(time.perf_counter() - start, 4),
-                                 "read_bytes": read, "rss_bytes": peak_rss(),
-                                 "tensors": len(ctx.output.unit_recipes[unit])}
-                    start, read = time.perf_counter(), 0
-        writer.close()
+        return next(run_steps(self, ctx, [unit]))[1]
 
     def skipped(self, ctx: MergeContext, units: list[str]) -> None:
         ctx.summary.units_skipped = units
@@ -110,6 +93,33 @@ class MergeStage:
     def reduce(self, ctx: MergeContext, unit: str, result: dict) -> dict:
         ctx.summary.units_done.append(unit)
         return {"attempt": ctx.attempt, **result}
+
+
+class UnitWriting:
+    """What a unit's steps write through: the shards (placed into llama.cpp's tensors for
+    that target), with the unit's time and bytes read."""
+
+    def __init__(self, ctx: MergeContext) -> None:
+        self.ctx = ctx
+        self.writer = ShardWriter(ctx.out_dir, ctx.shards)
+        if ctx.output.target is not None:
+            self.writer = TargetWriter(self.writer, ctx.output.target, ctx.output.out)
+        self.start, self.read = time.perf_counter(), 0
+
+    def step(self, recipe: OutRecipe, raw: list[torch.Tensor] | None) -> None:
+        self.read += write_recipe(self.ctx, recipe, raw, self.writer)
+        failpoints.hit("tensor-written")
+
+    def unit_done(self, unit: str) -> dict:
+        """The unit's shards fsynced (before the runner marks it done); what it did."""
+        self.writer.sync()
+        done = {"seconds": round(time.perf_counter() - self.start, 4), "read_bytes": self.read,
+                "rss_bytes": peak_rss(), "tensors": len(self.ctx.output.unit_recipes[unit])}
+        self.start, self.read = time.perf_counter(), 0
+        return done
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def write_recipe(ctx: MergeContext, recipe: OutRecipe, raw: list[torch.Tensor] | None,
