@@ -238,7 +238,9 @@ def render(results: dict) -> str:
                          f"{r['speedup']:.2f}× | {stages} |")
         lines.append("")
     a = results["simulated"][next(iter(results["simulated"]))]["rows"][-1]["assumptions"]
-    lines += ["Assumptions: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in a.items())
+    lines += ["Assumptions: " + "; ".join(
+        f"{k.replace('_bytes_per_s', '').replace('_', ' ')}: "
+        + (f"{v / 1e9:g} GB/s" if k.endswith("bytes_per_s") else f"{v}") for k, v in a.items())
               + ". The storage rate is shared by all machines, so past it more machines read "
               "no faster; the alignment shares (one d × d fp64 matrix per unit and peer) "
               "cross the network to the driver.", ""]

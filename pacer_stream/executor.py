@@ -7,7 +7,8 @@ A stage is one of two shapes:
   own shard slots, and returns a small result), how a result folds into the run
   (``reduce``: on the driver, in unit order; its return value is the unit's record in
   the RunState) and, for other processes, what of the earlier stages a unit needs
-  (``shared``/``adopt``) and how much memory (``memory``). The runner owns the order,
+  (``shared``/``adopt``), how much memory (``memory``) and which files it writes
+  (``writes``: units that run at once must not share one). The runner owns the order,
   the skipping of finished units, the RunState bookkeeping, the memory guard, the
   failpoints and the progress bar; the backend decides where units run (here, in
   order, the next tensor read while this one merges; or one Ray task a unit).

@@ -170,3 +170,23 @@ def test_without_ray_the_error_says_how_to_install(tmp_path, fixtures_dir, monke
     fails_with(CliRunner().invoke(main, ["run", str(plan), "--backend", "ray"]),
                'pip install "pacer-stream[ray]"')
     assert not (tmp_path / "no-ray").exists()
+
+
+def test_units_run_at_once_never_share_a_file(tmp_path, fixtures_dir):
+    from pacer_stream.backends.ray_cluster import check_disjoint
+    from pacer_stream.job import MergeContext
+    from pacer_stream.stages.merge import MergeStage
+
+    config = load_plan(write_plan(tmp_path, fixtures_dir, "ties", "layouts"))
+    stage = MergeStage()
+    for layout, shared in (("size", True), ("unit", False)):
+        ctx = MergeContext.from_plan(config, RunOptions(shard_layout=layout))
+        units = stage.units(ctx)
+        files = [stage.writes(ctx, u) for u in units]
+        assert all(files) and set().union(*files) == {s.file for s in ctx.shards}
+        if shared:  # 200 KB shards: one holds the end of a unit and the start of the next
+            with pytest.raises(AssertionError, match="would both write it"):
+                check_disjoint(stage, ctx, units)
+        else:
+            check_disjoint(stage, ctx, units)
+    assert not (tmp_path / "layouts").exists()

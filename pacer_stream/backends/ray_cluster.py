@@ -59,6 +59,8 @@ class RayBackend:
     def map_stage(self, stage, ctx: MergeContext, units: list[str]):
         if not units:
             return
+        if hasattr(stage, "writes"):
+            check_disjoint(stage, ctx, units)
         shared = self.ray.put(stage.shared(ctx)) if hasattr(stage, "shared") else None
         # one figure for the stage, its largest unit's: tasks that ask for the same
         # resources share worker processes (each new shape would start its own)
@@ -119,6 +121,16 @@ class RayBackend:
 
     def close(self) -> None:
         pass
+
+
+def check_disjoint(stage, ctx: MergeContext, units: list[str]) -> None:
+    """No two units of a stage may write one file: their tasks run at once."""
+    writer: dict[str, str] = {}
+    for unit in units:
+        for file in stage.writes(ctx, unit):
+            if writer.setdefault(file, unit) != unit:
+                raise AssertionError(f"{file}: units {writer[file]} and {unit} would both "
+                                     "write it; the Ray backend needs the unit shard layout")
 
 
 def check_address(address: str) -> None:

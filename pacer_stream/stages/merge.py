@@ -23,7 +23,7 @@ import zarr
 
 from .. import accounting as acct
 from .. import failpoints
-from ..export.llamacpp import TargetWriter
+from ..export.llamacpp import Place, TargetWriter
 from ..export.moe import OutRecipe
 from ..io.header import DTYPES
 from ..io.writer import ShardWriter
@@ -48,6 +48,15 @@ class MergeStage:
 
     def key(self, unit: str) -> str:
         return unit
+
+    def writes(self, ctx: MergeContext, unit: str) -> set[str]:
+        """The shard files the unit's tensors land in (llama.cpp's: where they are placed)."""
+        shard_of = {t.name: s.file for s in ctx.shards for t in s.tensors}
+        target = ctx.output.target
+        names = [place.name for r in ctx.output.unit_recipes.get(unit, [])
+                 for place in (target.places.get(r.name, (Place(r.name),)) if target
+                               else (Place(r.name),))]
+        return {shard_of[name] for name in names}
 
     def memory(self, ctx: MergeContext, unit: str) -> int:
         """Bytes one unit needs: the process, and its largest tensor's working set twice
