@@ -62,7 +62,8 @@ def analyze(config: PlanConfig, output: Path, options: RunOptions) -> dict:
     ctx = MergeContext(config, models, params, options)
     runner = Runner(ctx, RunState.open(state_dir, ctx.fingerprint(), restart=options.restart),
                     LocalBackend(), options.quiet)
-    for stage in [AlignStage()] * bool(config.align) + [ConsensusStage(), UpcycleStage()]:
+    stages = [AlignStage()] if config.align else []  # a PACER run's stages up to the decision
+    for stage in [*stages, ConsensusStage(), UpcycleStage()]:
         runner.run(stage)
     report = {"models": [m.label for m in models.models], "family": models.spec.family,
               "align": ctx.align_report, **pacer_report(ctx)}
