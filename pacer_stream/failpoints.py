@@ -8,7 +8,7 @@ hit is one dictionary lookup.
 ``PACER_STREAM_FAILPOINT_FILE=path`` arms the failpoint written in that file instead,
 for processes that were started before the test chose it (a Ray cluster's workers):
 the first process to reach its n-th hit renames the file away and fires, so it fires
-once across all of them.
+once across all of them (``name:n always`` fires in every process, and stays armed).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-_counts: dict[str, int] = {}
+_counts: dict = {}  # name (or name and arming) -> hits
 
 
 def hit(name: str) -> None:
@@ -29,14 +29,23 @@ def hit(name: str) -> None:
         try:
             with open(armed) as f:
                 spec = f.read().strip()
+                key = (name, os.fstat(f.fileno()).st_mtime_ns)  # hits count from arming
         except OSError:
             return
+        spec, _, mode = spec.partition(" ")
+        if mode == "always":
+            armed = None
+    else:
+        key = name
     target, _, rest = spec.partition(":")
     if target != name:
         return
     count, _, sig = rest.partition(":")
-    _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == int(count or 1):
+    _counts[key] = _counts.get(key, 0) + 1
+    n = int(count or 1)
+    # a file-armed failpoint fires from the n-th hit on: a process that hit it before and
+    # lived (another claimed it, or it stays armed) must not miss it
+    if _counts[key] == n or (key != name and _counts[key] > n):
         if armed is not None:
             try:
                 os.rename(armed, armed + ".fired")  # this process claims it

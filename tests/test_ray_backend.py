@@ -113,6 +113,19 @@ def test_a_worker_killed_mid_unit_is_retried(cluster, local, tmp_path, fixtures_
 
 
 @pytest.mark.slow
+def test_a_unit_whose_worker_always_dies_is_a_one_line_error(cluster, tmp_path, fixtures_dir):
+    cluster.arm.write_text("tensor-written:1 always")  # every worker dies at its first tensor
+    plan = write_plan(tmp_path, fixtures_dir, "ties", "dying")
+    try:
+        result = CliRunner().invoke(main, ["run", str(plan), "--backend", "ray",
+                                           "--max-memory", str(BUDGET)])
+    finally:
+        cluster.arm.unlink()
+    fails_with(result, "unit embed: its Ray worker died 4 times", "re-run the same command")
+    assert not (tmp_path / "dying" / "config.json").exists()
+
+
+@pytest.mark.slow
 def test_a_killed_driver_resumes(cluster, local, tmp_path, fixtures_dir):
     plan = write_plan(tmp_path, fixtures_dir, "ties", "driver")
     args = ("--backend", "ray", "--address", cluster.address, "--max-memory", str(BUDGET))

@@ -52,7 +52,6 @@ class RayBackend:
                                  "with the token of `ray get-auth-token` in ~/.ray/auth_token "
                                  "or RAY_AUTH_TOKEN") from None
         self.spec = pickle.dumps((config, options))
-        self.budget = options.budget
         self._unit = ray.remote(max_retries=RETRIES)(unit_task)
         self._align = ray.remote(max_retries=RETRIES)(align_task)
 
@@ -115,6 +114,12 @@ class RayBackend:
             if isinstance(cause, PacerError):
                 raise cause from None
             raise
+        except (self.ray.exceptions.WorkerCrashedError,
+                self.ray.exceptions.OutOfMemoryError) as exc:
+            raise PacerError(f"unit {units[done]}: its Ray worker died {RETRIES + 1} times "
+                             f"({type(exc).__name__}: out of memory, or killed); finished units "
+                             "are saved: fix the machine or lower --max-memory, then re-run the "
+                             "same command to resume") from None
         finally:
             for ref in refs[done:]:
                 self.ray.cancel(ref, force=True)
