@@ -146,10 +146,10 @@ def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
 @_COPY_TOKENIZER
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch (default: torch's, one per core).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True,
+@click.option("--backend", type=click.Choice(["local", "ray"]),
               help="Where the units run: this process, or Ray tasks on a cluster whose "
-                   "machines see the inputs and the output folder (pacer-stream[ray]).")
+                   "machines see the inputs and the output folder (pacer-stream[ray]). "
+                   "Default: the plan's backend, else local.")
 @click.option("--address", help="The Ray cluster to join (default: start one on this machine).")
 @click.option("--shard-layout", "shard_layout", type=click.Choice(["size", "unit"]),
               help="Shards packed by size across units, or each unit's own (the Ray "
@@ -160,7 +160,8 @@ def plan(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
 def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
         shard_size: str | None, state_dir: Path | None, restart: bool, force: bool,
         allow_nonfinite: bool, hash_inputs: bool, copy_tokenizer: bool | None,
-        threads: int | None, backend: str, address: str | None, shard_layout: str | None,
+        threads: int | None, backend: str | None, address: str | None,
+        shard_layout: str | None,
         verbose: bool, quiet: bool) -> None:
     """Run the merge in PLAN_FILE; re-run the same command to resume after an interruption.
 
@@ -186,7 +187,7 @@ def run(plan_file: Path, out: Path | None, max_memory: str | None, device: str,
         restart=restart, force=force, quiet=quiet, allow_nonfinite=allow_nonfinite,
         hash_inputs=hash_inputs,
         command=run_command(plan_file, device, shard_size, allow_nonfinite, out,
-                            copy_tokenizer, shard_layout or ("unit" if backend == "ray" else None)),
+                            copy_tokenizer, shard_layout),
     )
     config = _load(plan_file, out, copy_tokenizer, quiet)
     if verbose:

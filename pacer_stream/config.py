@@ -45,7 +45,8 @@ from .io.sources import parse_ref
 __all__ = ["load_plan", "parse_plan", "PlanConfig"]
 
 TOP_KEYS = ("project_name", "models", "slices", "base_model", "output", "method", "parameters",
-            "pacer", "seed", "align", "accept_config_differences")
+            "pacer", "seed", "align", "accept_config_differences", "backend")
+BACKENDS = ("local", "ray")
 ALIGN_MODES = (True, False, "only")  # "only": write each input re-based onto the anchor
 
 
@@ -155,6 +156,23 @@ def parse_plan(raw: Any, base_dir: Path | None = None, label: str = "plan") -> P
         raise PacerError(f"{label}: slices with {what}: its statistics need whole models, "
                          "which slices take apart; use a plain method (passthrough, linear, "
                          "slerp, ...) without align")
+    backend, address = parse_backend(raw.get("backend"), f"{label}: backend")
     return PlanConfig(name, entries, output,
                       method, base_ref, parameters, pacer, seed, None, align, tuple(accept),
-                      slices=slices)
+                      slices=slices, backend=backend, address=address)
+
+
+def parse_backend(raw: Any, where: str) -> tuple[str | None, str | None]:
+    """``backend: ray`` or ``backend: {name: ray, address: HOST:PORT}`` (absent: None)."""
+    if raw is None:
+        return None, None
+    given = {"name": raw} if isinstance(raw, str) else as_mapping(raw, where)
+    check_keys(given, ("name", "address"), where)
+    name, address = given.get("name"), given.get("address")
+    if name not in BACKENDS:
+        raise PacerError(f"{where}: {name!r} is not a backend (choose from "
+                         f"{', '.join(BACKENDS)})")
+    if address is not None and (name != "ray" or not isinstance(address, str) or not address):
+        raise PacerError(f"{where}.address: the HOST:PORT of a Ray cluster, for name: ray; "
+                         f"got {address!r}")
+    return name, address

@@ -106,6 +106,10 @@ class PlanConfig:
     # an output assembled from layer ranges (slices.py); models are then the first slice's
     # merged sources (the base, if any, left out)
     slices: tuple[SliceSpec, ...] = ()
+    # where the units run (`backend: ray` or `{name: ray, address: HOST:PORT}`); the
+    # command line's --backend / --address win
+    backend: str | None = None
+    address: str | None = None
 
     @property
     def anchor_ref(self) -> ModelRef | None:

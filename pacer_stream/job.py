@@ -11,6 +11,7 @@ the same one from the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class RunOptions:
     device: str = "cpu"
     shard_size: int | None = None
     shard_layout: str | None = None  # size | unit (None: the backend's, see executor.py)
-    backend: str = "local"  # local | ray
+    backend: str | None = None  # local | ray (None: the plan's, else local)
     address: str | None = None  # the Ray cluster to join (None: start one on this machine)
     state_dir: Path | None = None
     restart: bool = False
@@ -57,6 +58,16 @@ class RunOptions:
     # how the run was asked for, for the model card: `pacer-stream run ...` argv (the options
     # that change the output), or the lines of a Python API call; not part of the fingerprint
     command: tuple[str, ...] | None = None
+
+    def for_plan(self, config: PlanConfig) -> "RunOptions":
+        """These options with the plan's backend where the command line gave none."""
+        backend = self.backend or config.backend or "local"
+        address = self.address or (config.address if backend == config.backend else None)
+        options = dataclasses.replace(self, backend=backend, address=address)
+        if options.command and options.layout == "unit" and "--shard-layout" not in options.command:
+            # the command that reproduces the output names the layout it was written in
+            options.command = (*options.command, "--shard-layout", "unit")
+        return options
 
     @property
     def layout(self) -> str:

@@ -22,6 +22,7 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     """Run the merge described by ``config``."""
     if options.device == "cuda" and not torch.cuda.is_available():
         raise PacerError("--device cuda: no CUDA device is available; use --device cpu")
+    options = options.for_plan(config)
     ctx = MergeContext.from_plan(config, options)
     steady_allocator()  # slices are sized to the budget: no slack for heap growth
     check_run(config, ctx.models, options.state_dir, options.budget, options.device)

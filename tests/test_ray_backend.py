@@ -203,3 +203,34 @@ def test_units_run_at_once_never_share_a_file(tmp_path, fixtures_dir):
         else:
             check_disjoint(stage, ctx, units)
     assert not (tmp_path / "layouts").exists()
+
+
+@pytest.mark.slow
+def test_the_plan_can_choose_the_ray_backend(cluster, local, tmp_path, fixtures_dir):
+    plan = write_plan(tmp_path, fixtures_dir, "ties", "planned")
+    plan.write_text(plan.read_text() + "backend: ray\n")
+    result = CliRunner().invoke(main, ["run", str(plan), "--quiet", "--max-memory", str(BUDGET)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "planned"
+    assert json.loads((out / "pacer_report.json").read_text())["backend"] == "ray"
+    assert digests(out) == digests(local["ties"])
+    # the card's command reproduces the files: it names the layout they were written in
+    assert "--shard-layout unit" in (out / "README.md").read_text()
+    # the command line wins over the plan
+    again = CliRunner().invoke(main, ["run", str(plan), "--quiet", "--backend", "local",
+                                      str(tmp_path / "planned-local")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "planned-local" / "pacer_report.json").read_text())[
+        "backend"] == "local"
+
+
+@pytest.mark.parametrize("given, needle", [
+    ("gpu", "'gpu' is not a backend"),
+    ("{name: local, address: '127.0.0.1:6379'}", "for name: ray"),
+    ("{name: ray, adress: '127.0.0.1:6379'}", "adress"),
+])
+def test_a_bad_backend_in_the_plan_is_refused(given, needle, tmp_path, fixtures_dir):
+    plan = write_plan(tmp_path, fixtures_dir, "ties", "bad")
+    plan.write_text(plan.read_text() + f"backend: {given}\n")
+    fails_with(CliRunner().invoke(main, ["run", str(plan)]), "backend", needle)
+    assert not (tmp_path / "bad").exists()
