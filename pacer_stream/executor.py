@@ -13,10 +13,11 @@ A stage is one of two shapes:
   failpoints and the progress bar; the backend decides where units run (here, in
   order, the next tensor read while this one merges; or one Ray task a unit).
 - a **driver stage** (``run(ctx, runner)``) is a pass whose steps depend on each
-  other (the alignment sweeps' reduction, RegMean's and the calibration's block-by-
-  block forward passes, Split-Merge's passes that carry ties from unit to unit, the
-  finish); it runs in this process and asks the runner for progress bars, the state
-  and the backend.
+  other: the alignment sweeps, RegMean's and the calibration's block-by-block forward
+  passes, Split-Merge's passes, the finish. It runs in this process and asks the runner
+  for progress bars, the state and the backend; the independent part of its work (a
+  sweep's per-unit shares, a variance pass's per-unit histograms) it maps through
+  ``runner.backend.map_calls``, folding the results in unit order itself.
 
 When every stage is done the report is written and the state marked complete. A re-run
 skips what the state says is done and writes the same bytes.

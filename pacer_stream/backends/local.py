@@ -16,8 +16,9 @@ class LocalBackend:
             return run_steps(stage, ctx, units)
         return ((unit, stage.run_unit(ctx, unit)) for unit in units)
 
-    def align_map(self, ctx: MergeContext):
-        return None  # the sweeps' own loop, in this process
+    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int):
+        """``fn(ctx, shared, unit)`` for each unit, in order, as they are asked for."""
+        return (fn(ctx, shared, unit) for unit in units)
 
     def close(self) -> None:
         pass

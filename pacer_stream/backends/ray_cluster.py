@@ -53,7 +53,7 @@ class RayBackend:
                                  "or RAY_AUTH_TOKEN") from None
         self.spec = pickle.dumps((config, options))
         self._unit = ray.remote(max_retries=RETRIES)(unit_task)
-        self._align = ray.remote(max_retries=RETRIES)(align_task)
+        self._call = ray.remote(max_retries=RETRIES)(call_task)
 
     def map_stage(self, stage, ctx: MergeContext, units: list[str]):
         if not units:
@@ -68,23 +68,16 @@ class RayBackend:
         refs = [task.remote(self.spec, stage, shared, u) for u in units]
         yield from self._in_order(ctx, units, refs)
 
-    def align_map(self, ctx: MergeContext):
-        from .. import accounting as acct
-        from ..graph import GLOBAL
-
-        graph = ctx.models.graph
-        d = graph.groups[GLOBAL].size
-
-        def map_units(sweep, units: list[str]):
-            shared = self.ray.put(sweep)
-            need = max(acct.align_bytes(acct.align_unit_need(graph, u), d, len(sweep.perms))
-                       for u in graph.units if u.name in units)
-            task = self._align.options(num_cpus=1, memory=self._memory(
-                ctx, "align", acct.PROCESS_BASE_BYTES + need))
-            refs = [task.remote(self.spec, shared, name) for name in units]
-            for _, shares in self._in_order(ctx, units, refs):
-                yield shares
-        return map_units
+    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int):
+        """``fn(ctx, shared, unit)`` as one task a unit (``fn`` a module-level function, so
+        workers import it); results in unit order."""
+        if not units:
+            return
+        shared = self.ray.put(shared)
+        task = self._call.options(num_cpus=1, memory=self._memory(ctx, fn.__name__, memory))
+        refs = [task.remote(self.spec, fn, shared, u) for u in units]
+        for _, result in self._in_order(ctx, units, refs):
+            yield result
 
     def _memory(self, ctx: MergeContext, stage: str, need: int) -> int:
         """``need``, refused up front if no machine of the cluster offers that much to its
@@ -173,9 +166,8 @@ def unit_task(spec: bytes, stage, shared, unit: str):
     return result, ctx.summary.read_bytes - before
 
 
-def align_task(spec: bytes, sweep, unit: str):
-    from ..align.stage import unit_shares
-    from ..stages.align import reader
-
+def call_task(spec: bytes, fn, shared, unit: str):
     ctx = worker_context(spec)
-    return unit_shares(ctx.models.graph, reader(ctx), sweep, unit), 0
+    before = ctx.summary.read_bytes
+    result = fn(ctx, shared, unit)
+    return result, ctx.summary.read_bytes - before

@@ -63,11 +63,15 @@ class MagnitudeSelect:
     def observe_low(self, bits: torch.Tensor) -> None:
         if self.keep_all or self.keep_none:
             return
-        if self.bin is None:
-            self.bin, self.k_in_bin = _select(self.high, self.k)
+        self.find_bin()
         lo = self.bin << 16  # the bin is a range of bit patterns: compare, no shifting
         inside = bits[(bits >= lo) & (bits < lo + HIST_BINS)] - lo
         self.low += torch.bincount(inside, minlength=HIST_BINS).cpu()
+
+    def find_bin(self) -> None:
+        """The high bin that holds the k-th value, once every slice's high bits are in."""
+        if self.bin is None and not (self.keep_all or self.keep_none):
+            self.bin, self.k_in_bin = _select(self.high, self.k)
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         """Keep-mask (flat) for the next slice, in order."""

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from .. import accounting as acct
+from ..graph import GLOBAL
 from ..job import MergeContext
 
 
@@ -29,12 +31,30 @@ class AlignStage:
             sweeps = Sweeps(ctx.models.graph, labels, anchor, reader(ctx),
                             state.group.require_group("align"), ctx.budget, ctx.config.seed,
                             ctx.config.pacer["max_sweeps"], on_unit=lambda: bar.update(1),
-                            map_units=runner.backend.align_map(ctx))
+                            map_units=lambda sweep, units: runner.backend.map_calls(
+                                sweep_share, ctx, units, sweep, sweep_memory(ctx, sweep, units)))
             ctx.reads.perms = sweeps.run()
         ctx.align_report = {"anchor": labels[anchor], "peers_per_pass": sweeps.chunk_size,
                             "seconds_this_run": round(time.perf_counter() - started, 3),
                             "peers": sweeps.report()}
         ctx.summary.align = ctx.align_report
+
+
+def sweep_share(ctx: MergeContext, sweep, unit: str):
+    """One unit's share of a sweep (align/stage.py), in any process."""
+    from ..align.stage import unit_shares
+
+    return unit_shares(ctx.models.graph, reader(ctx), sweep, unit)
+
+
+def sweep_memory(ctx: MergeContext, sweep, units: list[str]) -> int:
+    """What one unit's share needs: the process, the unit's working set and one residual
+    accumulator per moving peer (the accounting the sweeps' peer chunks obey)."""
+    graph = ctx.models.graph
+    d = graph.groups[GLOBAL].size
+    return acct.PROCESS_BASE_BYTES + max(
+        (acct.align_bytes(acct.align_unit_need(graph, u), d, len(sweep.perms))
+         for u in graph.units if u.name in units), default=0)
 
 
 def reader(ctx: MergeContext):

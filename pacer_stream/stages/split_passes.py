@@ -77,10 +77,20 @@ class SplitPass:
             return  # an earlier attempt finished this pass
         units = ctx.models.graph.units
         acc = self._start(ctx, run, arrays, record)
-        with runner.progress(len(units), f"split_merge {self.name}",
-                             initial=record["next_unit"]) as bar:
-            for i in range(record["next_unit"], len(units)):
-                self._unit(ctx, run, units[i], acc)
+        first = record["next_unit"]
+        with runner.progress(len(units), f"split_merge {self.name}", initial=first) as bar:
+            if self.name in MAPPED:  # no carried state: the units run wherever the backend says
+                if self.name == "variance-low":
+                    acc.select.find_bin()  # from the whole high histogram
+                names = [u.name for u in units[first:]]
+                shares = runner.backend.map_calls(
+                    variance_share, ctx, names, self._shared(ctx, run, acc),
+                    max(variance_memory(ctx, u) for u in units[first:]) if names else 0)
+            for i in range(first, len(units)):
+                if self.name in MAPPED:
+                    acc.add_histogram(self.name, next(shares))
+                else:
+                    self._unit(ctx, run, units[i], acc)
                 return_freed_memory()
                 record = {**record, "next_unit": i + 1, **acc.record()}
                 run.ckpt.save(acc.arrays(), record)
@@ -91,6 +101,11 @@ class SplitPass:
                 bar.update(1)
         arrays, record = self._end(ctx, run, acc, record)
         run.ckpt.save(arrays, record)
+
+    def _shared(self, ctx: MergeContext, run: SplitRun, acc: "Accumulators") -> dict:
+        return {"pass": self.name, "numel": run.numel, "density": run.density,
+                "bin": acc.select.bin, "k_in_bin": acc.select.k_in_bin,
+                "floats": set(run.float_names)}
 
     def _start(self, ctx: MergeContext, run: SplitRun, arrays: dict,
                record: dict) -> "Accumulators":
@@ -118,49 +133,81 @@ class SplitPass:
         return acc.arrays(), record
 
     def _unit(self, ctx: MergeContext, run: SplitRun, unit, acc: "Accumulators") -> None:
-        """One unit of this pass; the μ pass also writes its non-float and passthrough tensors."""
+        """One unit of the gram or eta pass, which keep the ties left at the threshold from
+        unit to unit."""
         name, reads = self.name, ctx.reads
         copies = split_copies(len(ctx.inputs))
         for tensor in (*unit.tensors, *unit.passthrough):
             if tensor not in run.float_names:
-                if name == "variance-low":
-                    raw = [reads.read_model(k, tensor, None) for k in range(len(ctx.inputs))]
-                    reads.check_equal(tensor, raw)
-                    ctx.summary.read_bytes += sum(c.numel() * c.element_size() for c in raw)
-                    run.mu_writer.write(tensor, raw[0])
-                continue
+                continue  # written by the variance-low pass
             offset = 0
             info = ctx.models.graph.nodes[tensor].info
             row_numel = acct.row_numel(info.shape)
             ranges = gram_ranges(ctx, tensor) if name == "gram" else reads.ranges(tensor, copies)
             for rows in ranges:
-                x, _ = reads.load(tensor, rows, check=name == PASSES[0])
+                x, _ = reads.load(tensor, rows, check=False)
                 ctx.summary.read_bytes += reads.nbytes(tensor, rows)
-                mu, delta = deviations(x)
-                bits = variance_bits(delta)
-                if name == "variance-high":
-                    acc.select.observe_high(bits)
-                elif name == "variance-low":
-                    acc.select.observe_low(bits)
-                    out = DTYPES[ctx.output.out[tensor].dtype][0]
-                    run.mu_writer.write(tensor, mu.to(out).cpu().reshape(
-                        rows[1] - rows[0], *info.shape[1:]) if info.shape else
-                        mu.to(out).cpu().reshape(()), first_row=rows[0])
+                _, delta = deviations(x)
+                mask = acc.mask(variance_bits(delta))
+                selected = delta.reshape(delta.shape[0], -1)[:, mask]
+                if name == "gram":
+                    group = gram_group_rows(row_numel) * row_numel
+                    acc.add_gram(selected, group_counts(mask, group), tensor)
                 else:
-                    mask = acc.mask(bits)
-                    selected = delta.reshape(delta.shape[0], -1)[:, mask]
-                    if name == "gram":
-                        group = gram_group_rows(row_numel) * row_numel
-                        acc.add_gram(selected, group_counts(mask, group), tensor)
-                    else:
-                        where = torch.nonzero(mask).reshape(-1) + rows[0] * row_numel
-                        offset = run.eta.write(tensor, selected, where, offset)
+                    where = torch.nonzero(mask).reshape(-1) + rows[0] * row_numel
+                    offset = run.eta.write(tensor, selected, where, offset)
             if name == "eta":
                 run.eta.check_count(tensor, offset)
         if name == "eta":
             run.eta.writer.sync()
-        else:
-            run.mu_writer.sync()
+
+
+MAPPED = ("variance-high", "variance-low")  # passes whose units share nothing but sums
+
+
+def variance_share(ctx: MergeContext, shared: dict, unit_name: str) -> np.ndarray | None:
+    """One unit of a variance pass, in any process: its histogram (None when every
+    position is kept). The low pass also writes the unit's μ and its non-float and
+    passthrough tensors (the copies of every input, checked equal)."""
+    name, reads, floats = shared["pass"], ctx.reads, shared["floats"]
+    select = MagnitudeSelect(shared["numel"], shared["density"])
+    select.bin, select.k_in_bin = shared["bin"], shared["k_in_bin"]
+    unit = next(u for u in ctx.models.graph.units if u.name == unit_name)
+    writer = ShardWriter(ctx.out_dir, ctx.shards) if name == "variance-low" else None
+    for tensor in (*unit.tensors, *unit.passthrough):
+        if tensor not in floats:
+            if writer is not None:
+                raw = [reads.read_model(k, tensor, None) for k in range(len(ctx.inputs))]
+                reads.check_equal(tensor, raw)
+                ctx.summary.read_bytes += sum(c.numel() * c.element_size() for c in raw)
+                writer.write(tensor, raw[0])
+            continue
+        info = ctx.models.graph.nodes[tensor].info
+        for rows in reads.ranges(tensor, split_copies(len(ctx.inputs))):
+            x, _ = reads.load(tensor, rows, check=name == PASSES[0])
+            ctx.summary.read_bytes += reads.nbytes(tensor, rows)
+            mu, delta = deviations(x)
+            bits = variance_bits(delta)
+            if writer is None:
+                select.observe_high(bits)
+                continue
+            select.observe_low(bits)
+            out = DTYPES[ctx.output.out[tensor].dtype][0]
+            writer.write(tensor, mu.to(out).cpu().reshape(rows[1] - rows[0], *info.shape[1:])
+                         if info.shape else mu.to(out).cpu().reshape(()), first_row=rows[0])
+    if writer is not None:
+        writer.sync()  # μ's shards stay hidden partial files until the finish
+        writer.close()
+    hist = select.high if writer is None else select.low
+    return hist.numpy() if isinstance(hist, torch.Tensor) else None
+
+
+def variance_memory(ctx: MergeContext, unit) -> int:
+    """What a variance pass's unit needs: the process and its largest slice's copies."""
+    copies = split_copies(len(ctx.inputs))
+    return acct.PROCESS_BASE_BYTES + max(
+        (ctx.reads.slices(t, copies).bytes for t in unit.tensors
+         if ctx.models.graph.nodes[t].info.is_float), default=0)
 
 
 def components(gram: np.ndarray) -> Components:
@@ -221,6 +268,14 @@ class Accumulators:
     def record(self) -> dict:
         return {"nnz": self.nnz, "bin": self.select.bin, "k_in_bin": self.select.k_in_bin,
                 "ties_left_at_unit": self.ties_left}
+
+    def add_histogram(self, name: str, hist: np.ndarray | None) -> None:
+        """A unit's histogram from :func:`variance_share` into the pass's (integer sums:
+        the same whatever the order or the process)."""
+        if hist is None:
+            return
+        key = "high" if name == "variance-high" else "low"
+        setattr(self.select, key, getattr(self.select, key) + torch.tensor(hist))
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         if self.select.keep_all:
