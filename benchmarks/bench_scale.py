@@ -4,7 +4,8 @@
 1. Measured, as whole processes on bench_dense.py's family (three ~0.3B bf16 Llamas,
    1.8 GB): the I/O floor, `pacer-stream run` on the local backend (one process), and
    `pacer-stream run --backend ray --address A` against a local cluster started with
-   `ray start --head --num-cpus W` for W = 1 and 2 workers. Outputs are compared: the
+   `ray start --head --num-cpus W` for W = 1 and 2 workers; for ties, PACER's aligned
+   dense merge and Split-Merge. Outputs are compared: the
    Ray runs must write the same files as a local run with --shard-layout unit.
 2. Ray's own costs on that cluster, for cluster_plan.py: the round trip of an empty task,
    and a fresh worker's first task that imports pacer-stream and builds a run's context.
@@ -35,6 +36,7 @@ from bench_dense import CONFIG, FLOOR, MAKE_FAMILY, ROOT, machine, timed  # noqa
 CASES = {  # name -> (plan text after the models, whether the base is merged in)
     "ties": ("method: ties\nparameters: {density: 0.5}\n", True),
     "pacer (dense, aligned)": ("method: pacer\npacer: {enable_moe_upcycle: false}\n", False),
+    "split_merge": ("method: split_merge\nparameters: {density: 0.3}\n", False),
 }
 WORKERS = (1, 2)
 SIMULATED = (1, 2, 4, 8)
@@ -74,7 +76,8 @@ def family(work: Path) -> Path:
 def write_plan(work: Path, root: Path, name: str, text: str, base: bool) -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     plan = work / f"scale-{slug}.yaml"
-    plan.write_text("models:\n" + "".join(f"  - {{model: {root / n}, weight: 0.5}}\n"
+    weight = "" if "split_merge" in text else ", weight: 0.5"  # split_merge takes none
+    plan.write_text("models:\n" + "".join(f"  - {{model: {root / n}{weight}}}\n"
                                           for n in ("ft1", "ft2"))
                     + (f"base_model: {root / 'base'}\n" if base else "") + text
                     + f"output: {{path: {work / ('scale-' + slug)}}}\n")
