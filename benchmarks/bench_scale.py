@@ -206,7 +206,9 @@ def render(results: dict) -> str:
              f"({time.strftime('%Y-%m-%d')}). Best of the repeats, whole processes, warm page "
              "cache; Ray runs join a cluster started by `ray start --head --num-cpus W` (its "
              "start is not timed; each run's own worker processes are).", "",
-             "## Measured: 2 x 0.3B bf16 Llama onto a base (bench_dense.py's family)", "",
+             "## Measured: bench_dense.py's family (a ~0.3B bf16 Llama base and two variants)",
+             "", "ties merges the two variants onto the base; PACER (aligned, dense) and "
+             "Split-Merge merge the two variants.", "",
              "| case | floor | local | local, unit layout | " +
              " | ".join(f"ray, {w} worker{'s' * (w > 1)}" for w in WORKERS) +
              " | speed-up 1 → 2 workers | same bytes |",
