@@ -29,8 +29,5 @@ def run_merge(config: PlanConfig, options: RunOptions) -> RunSummary:
     load_router_samples(ctx)
     check_output(ctx)
     backend = open_backend(ctx)
-    try:
-        with OutputLock(config.output.path):
-            return execute(ctx, backend)
-    finally:
-        backend.close()
+    with OutputLock(config.output.path):
+        return execute(ctx, backend)

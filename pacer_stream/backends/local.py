@@ -16,9 +16,7 @@ class LocalBackend:
             return run_steps(stage, ctx, units)
         return ((unit, stage.run_unit(ctx, unit)) for unit in units)
 
-    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int):
+    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int,
+                  label: str):
         """``fn(ctx, shared, unit)`` for each unit, in order, as they are asked for."""
         return (fn(ctx, shared, unit) for unit in units)
-
-    def close(self) -> None:
-        pass

@@ -52,32 +52,30 @@ class RayBackend:
                                  "with the token of `ray get-auth-token` in ~/.ray/auth_token "
                                  "or RAY_AUTH_TOKEN") from None
         self.spec = pickle.dumps((config, options))
-        self._unit = ray.remote(max_retries=RETRIES)(unit_task)
         self._call = ray.remote(max_retries=RETRIES)(call_task)
 
     def map_stage(self, stage, ctx: MergeContext, units: list[str]):
+        """A unit stage's units as tasks: (unit, result) in unit order."""
         if not units:
-            return
+            return iter(())
         if hasattr(stage, "writes"):
             check_disjoint(stage, ctx, units)
-        shared = self.ray.put(stage.shared(ctx)) if hasattr(stage, "shared") else None
+        shared = (stage, stage.shared(ctx) if hasattr(stage, "shared") else None)
         # one figure for the stage, its largest unit's: tasks that ask for the same
         # resources share worker processes (each new shape would start its own)
-        task = self._unit.options(num_cpus=1, memory=self._memory(
-            ctx, stage.name, max(stage.memory(ctx, u) for u in units)))
-        refs = [task.remote(self.spec, stage, shared, u) for u in units]
-        yield from self._in_order(ctx, units, refs)
+        memory = max(stage.memory(ctx, u) for u in units)
+        return zip(units, self.map_calls(stage_unit, ctx, units, shared, memory, stage.name))
 
-    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int):
+    def map_calls(self, fn, ctx: MergeContext, units: list[str], shared, memory: int,
+                  label: str):
         """``fn(ctx, shared, unit)`` as one task a unit (``fn`` a module-level function, so
-        workers import it); results in unit order."""
+        workers import it), each asking for ``memory``; results in unit order."""
         if not units:
             return
         shared = self.ray.put(shared)
-        task = self._call.options(num_cpus=1, memory=self._memory(ctx, fn.__name__, memory))
+        task = self._call.options(num_cpus=1, memory=self._memory(ctx, label, memory))
         refs = [task.remote(self.spec, fn, shared, u) for u in units]
-        for _, result in self._in_order(ctx, units, refs):
-            yield result
+        yield from self._in_order(ctx, units, refs)
 
     def _memory(self, ctx: MergeContext, stage: str, need: int) -> int:
         """``need``, refused up front if no machine of the cluster offers that much to its
@@ -97,11 +95,11 @@ class RayBackend:
         yet collected are cancelled if the driver stops early (an error, a signal)."""
         done = 0
         try:
-            for unit, ref in zip(units, refs):
+            for ref in refs:
                 result, read = self.ray.get(ref)
                 done += 1
                 ctx.summary.read_bytes += read
-                yield unit, result
+                yield result
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
             if isinstance(cause, PacerError):
@@ -116,9 +114,6 @@ class RayBackend:
         finally:
             for ref in refs[done:]:
                 self.ray.cancel(ref, force=True)
-
-    def close(self) -> None:
-        pass
 
 
 def check_disjoint(stage, ctx: MergeContext, units: list[str]) -> None:
@@ -157,16 +152,16 @@ def worker_context(spec: bytes) -> MergeContext:
     return _context[1]
 
 
-def unit_task(spec: bytes, stage, shared, unit: str):
-    ctx = worker_context(spec)
-    if shared is not None:
-        stage.adopt(ctx, shared)
-    before = ctx.summary.read_bytes
-    result = stage.run_unit(ctx, unit)
-    return result, ctx.summary.read_bytes - before
+def stage_unit(ctx: MergeContext, shared, unit: str):
+    """One unit of a unit stage, with what the earlier stages handed on."""
+    stage, products = shared
+    if products is not None:
+        stage.adopt(ctx, products)
+    return stage.run_unit(ctx, unit)
 
 
 def call_task(spec: bytes, fn, shared, unit: str):
+    """A task: ``fn`` on one unit, and the bytes it read (for the driver's count)."""
     ctx = worker_context(spec)
     before = ctx.summary.read_bytes
     result = fn(ctx, shared, unit)

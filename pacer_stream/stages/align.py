@@ -32,7 +32,8 @@ class AlignStage:
                             state.group.require_group("align"), ctx.budget, ctx.config.seed,
                             ctx.config.pacer["max_sweeps"], on_unit=lambda: bar.update(1),
                             map_units=lambda sweep, units: runner.backend.map_calls(
-                                sweep_share, ctx, units, sweep, sweep_memory(ctx, sweep, units)))
+                                sweep_share, ctx, units, sweep, sweep_memory(ctx, sweep, units),
+                                "align"))
             ctx.reads.perms = sweeps.run()
         ctx.align_report = {"anchor": labels[anchor], "peers_per_pass": sweeps.chunk_size,
                             "seconds_this_run": round(time.perf_counter() - started, 3),

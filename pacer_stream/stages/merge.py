@@ -79,6 +79,7 @@ class MergeStage:
         if ctx.regmean_names:
             ctx.regmean_solved = zarr.open_group(str(ctx.state_path / "regmean" / "solved"),
                                                  mode="r")
+
     # -- the units, a step (an output tensor) at a time (pipeline.py) --------------------
 
     def steps(self, ctx: MergeContext, unit: str) -> list[OutRecipe]:
@@ -94,7 +95,7 @@ class MergeStage:
         return UnitWriting(ctx)
 
     def run_unit(self, ctx: MergeContext, unit: str) -> dict:
-        return next(run_steps(self, ctx, [unit]))[1]
+        return dict(run_steps(self, ctx, [unit]))[unit]
 
     def skipped(self, ctx: MergeContext, units: list[str]) -> None:
         ctx.summary.units_skipped = units

@@ -43,8 +43,7 @@ class SplitRun:
     def __init__(self, ctx: MergeContext, state) -> None:
         # the plan's checks (config.py) refuse a base model and a density outside (0, 1]
         self.density = float(ctx.config.parameters.get("density", 1.0))
-        self.float_names = [t for t in ctx.order if t in ctx.models.graph.nodes
-                            and ctx.models.graph.nodes[t].info.is_float]
+        self.float_names = float_names(ctx)
         self.numel = sum(ctx.anchor.tensors[t].numel for t in self.float_names)
         if self.numel == 0:
             raise PacerError("method split_merge: the models have no float weights to merge")
@@ -55,6 +54,12 @@ class SplitRun:
         # units whose every pass an earlier run finished: nothing left to do for them
         ctx.summary.units_skipped = [u.name for u in ctx.models.graph.units
                                      if state.is_done(f"{PASSES[-1]}/{u.name}")]
+
+
+def float_names(ctx: MergeContext) -> list[str]:
+    """The tensors Split-Merge splits (μ and η); the rest are copied."""
+    nodes = ctx.models.graph.nodes
+    return [t for t in ctx.order if t in nodes and nodes[t].info.is_float]
 
 
 def split_run(ctx: MergeContext, state) -> SplitRun:
@@ -79,18 +84,7 @@ class SplitPass:
         acc = self._start(ctx, run, arrays, record)
         first = record["next_unit"]
         with runner.progress(len(units), f"split_merge {self.name}", initial=first) as bar:
-            if self.name in MAPPED:  # no carried state: the units run wherever the backend says
-                if self.name == "variance-low":
-                    acc.select.find_bin()  # from the whole high histogram
-                names = [u.name for u in units[first:]]
-                shares = runner.backend.map_calls(
-                    variance_share, ctx, names, self._shared(ctx, run, acc),
-                    max(variance_memory(ctx, u) for u in units[first:]) if names else 0)
-            for i in range(first, len(units)):
-                if self.name in MAPPED:
-                    acc.add_histogram(self.name, next(shares))
-                else:
-                    self._unit(ctx, run, units[i], acc)
+            for i, _ in enumerate(self._units(ctx, runner, run, acc, units[first:]), first):
                 return_freed_memory()
                 record = {**record, "next_unit": i + 1, **acc.record()}
                 run.ckpt.save(acc.arrays(), record)
@@ -102,10 +96,24 @@ class SplitPass:
         arrays, record = self._end(ctx, run, acc, record)
         run.ckpt.save(arrays, record)
 
-    def _shared(self, ctx: MergeContext, run: SplitRun, acc: "Accumulators") -> dict:
-        return {"pass": self.name, "numel": run.numel, "density": run.density,
-                "bin": acc.select.bin, "k_in_bin": acc.select.k_in_bin,
-                "floats": set(run.float_names)}
+    def _units(self, ctx: MergeContext, runner, run: SplitRun, acc: "Accumulators", todo):
+        """Each unit of the pass, done in order into ``acc`` (one yield a unit). The variance
+        passes carry nothing from unit to unit but sums: their units run wherever the
+        backend runs them."""
+        if self.name not in MAPPED:
+            for unit in todo:
+                self._unit(ctx, run, unit, acc)
+                yield
+            return
+        if self.name == "variance-low":
+            acc.select.find_bin()  # from the whole high histogram
+        shared = {"pass": self.name, "numel": run.numel, "density": run.density,
+                  "bin": acc.select.bin, "k_in_bin": acc.select.k_in_bin}
+        memory = max((variance_memory(ctx, u) for u in todo), default=0)
+        for hist in runner.backend.map_calls(variance_share, ctx, [u.name for u in todo],
+                                             shared, memory, self.name):
+            acc.add_histogram(self.name, hist)
+            yield
 
     def _start(self, ctx: MergeContext, run: SplitRun, arrays: dict,
                record: dict) -> "Accumulators":
@@ -169,7 +177,7 @@ def variance_share(ctx: MergeContext, shared: dict, unit_name: str) -> np.ndarra
     """One unit of a variance pass, in any process: its histogram (None when every
     position is kept). The low pass also writes the unit's μ and its non-float and
     passthrough tensors (the copies of every input, checked equal)."""
-    name, reads, floats = shared["pass"], ctx.reads, shared["floats"]
+    name, reads, floats = shared["pass"], ctx.reads, set(float_names(ctx))
     select = MagnitudeSelect(shared["numel"], shared["density"])
     select.bin, select.k_in_bin = shared["bin"], shared["k_in_bin"]
     unit = next(u for u in ctx.models.graph.units if u.name == unit_name)
