@@ -5,8 +5,8 @@ and LAPs; accounting's measured rates) become tasks, scheduled the way the Ray b
 runs them: the units of a unit stage as tasks, each machine one task at a time, taken
 in unit order as machines come free; a stage waits for the one before it (the driver
 folds results in order, and alignment's residual LAP closes every sweep). The passes
-that carry state from unit to unit (Split-Merge's, RegMean's and the calibration's
-forward passes, data-free generation) run on the driver alone.
+that carry state from unit to unit (Split-Merge's gram and eta, RegMean's and the
+calibration's forward passes, data-free generation) run on the driver alone.
 
 What it assumes is returned beside the figures, and comes from measurements where one
 exists: the Ray costs per task and per worker process (benchmarks/bench_scale.py on this
@@ -29,6 +29,8 @@ RAY_TASK_SECONDS = 0.001  # scheduling a task and returning its result (1.0 ms m
 RAY_WORKER_SECONDS = 2.3  # a worker process: Python, torch, pacer-stream, the run's headers
 STORAGE_READ = 10e9  # bytes/s all machines together read from the shared storage
 NETWORK = 1.25e9  # bytes/s into the driver (10 GbE): the alignment shares come back
+# passes over every input whose units are tasks (Split-Merge's gram and eta stay on the driver)
+PASSES_AS_TASKS = ("merge", "variance-high", "variance-low")
 
 
 @dataclass
@@ -70,14 +72,15 @@ def estimate(plan: Plan, workers: int, storage_read: float = STORAGE_READ,
                 / rate.merge_elems
             stages["consensus"] = schedule([u.merge_read_bytes * per_byte for u in units],
                                            workers)
-        elif stage.name == "merge":
-            stages["merge"] = schedule([merge_seconds(u, read, rate, cost) for u in units],
-                                       workers)
+        elif stage.name in PASSES_AS_TASKS:
+            stages[stage.name] = schedule(
+                [pass_seconds(u, read, rate, cost, stage.name == "merge", stage.write_bytes > 0)
+                 for u in units], workers)
         else:  # passes that carry state from unit to unit: the driver's, at its own rate
             stages[stage.name] = stage.seconds["cpu"]
             carried += stage.seconds["cpu"]
-    tasks = sum(stage.passes for stage in plan.stages if stage.name in ("align",)) * len(units) \
-        + len(units) * sum(1 for name in ("consensus", "merge") if name in stages)
+    tasks = len(units) * sum(stage.passes for stage in plan.stages
+                             if stage.name in ("align", "consensus", *PASSES_AS_TASKS))
     overhead = acct.STARTUP_SECONDS + RAY_WORKER_SECONDS + tasks * RAY_TASK_SECONDS / workers
     seconds = sum(stages.values()) + overhead
     return ClusterEstimate(
@@ -94,10 +97,14 @@ def estimate(plan: Plan, workers: int, storage_read: float = STORAGE_READ,
         })
 
 
-def merge_seconds(unit: UnitPlan, read: float, rate: acct.Throughput, cost: float) -> float:
+def pass_seconds(unit: UnitPlan, read: float, rate: acct.Throughput, cost: float,
+                 rereads: bool, writes: bool) -> float:
+    """One unit of a pass over every input (the merge, a variance pass), as the planner
+    costs the whole pass: its reads (the merge's sliced tensors read again by their
+    observation passes), its writes, and the elementwise work."""
     elems = unit.merge_read_bytes / 2  # ~element-model pairs (2-byte average), as planner
-    return (unit.merge_read_bytes + unit.reread_bytes) / read + unit.write_bytes / \
-        rate.disk_write + elems * cost / rate.merge_elems
+    return (unit.merge_read_bytes + unit.reread_bytes * rereads) / read \
+        + unit.write_bytes * writes / rate.disk_write + elems * cost / rate.merge_elems
 
 
 def residual_share_bytes(plan: Plan) -> int:

@@ -64,9 +64,10 @@ class RunOptions:
         backend = self.backend or config.backend or "local"
         address = self.address or (config.address if backend == config.backend else None)
         options = dataclasses.replace(self, backend=backend, address=address)
-        if options.command and options.layout == "unit" and "--shard-layout" not in options.command:
+        command = options.command
+        if command and options.layout == "unit" and "--shard-layout" not in command:
             # the command that reproduces the output names the layout it was written in
-            options.command = (*options.command, "--shard-layout", "unit")
+            options = dataclasses.replace(options, command=(*command, "--shard-layout", "unit"))
         return options
 
     @property

@@ -14,6 +14,7 @@ from .methods.vocabulary import VOCABULARY_ROLES, row_weights, token_usage, usag
 from .regmean_pass import block_bytes
 from .self_samples import LENGTH as GENERATED_LENGTH, SEQUENCES as GENERATED_SEQUENCES
 from .sizes import format_size
+from .stages.regmean import regmean_targets
 
 
 def load_router_samples(ctx: MergeContext) -> None:
@@ -69,8 +70,6 @@ def set_vocabulary_rows(ctx: MergeContext) -> None:
 def check_regmean_fits(ctx: MergeContext) -> None:
     """The RegMean pass holds every model's sample activations and one block's Gram
     matrices (regmean_pass.block_bytes): refuse up front a budget that cannot."""
-    from .stages.regmean import regmean_targets
-
     if not ctx.uses_regmean():
         return
     if ctx.samples is not None:

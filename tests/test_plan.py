@@ -184,3 +184,40 @@ def test_help_and_a_dense_plan_do_not_import_torch(fixtures_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(plan)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize("method", ["ties", "pacer", "split_merge"])
+def test_cluster_estimate_of_a_70b_plan(llama70b, method):
+    """plan --backend ray --workers W: the unit stages spread over W machines, the passes
+    that carry state from unit to unit on the driver, the assumptions beside it."""
+    text = {"ties": "method: ties\nbase_model: m2\nparameters: {density: 0.5}\n",
+            "pacer": "method: pacer\npacer: {enable_moe_upcycle: false}\n",
+            "split_merge": "method: split_merge\nparameters: {density: 0.3}\n"}[method]
+    plan = llama70b / f"cluster-{method}.yaml"
+    models = "[m0, m1]" if method == "ties" else "[m0, m1, m2]"
+    plan.write_text(f"models: {models}\n{text}output: {{path: out}}\n")
+    runs = {w: _plan_json(str(plan), "--max-memory", "16GB", "--backend", "ray",
+                          "--workers", str(w))["cluster"] for w in (1, 2, 8)}
+    one, two, eight = runs[1], runs[2], runs[8]
+    assert one["one_process_seconds"] == two["one_process_seconds"] > 0
+    assert one["seconds"] >= one["one_process_seconds"]  # one machine: Ray only adds
+    assert one["seconds"] > two["seconds"] > eight["seconds"]
+    # Split-Merge's gram and eta passes (half its time) stay on the driver
+    assert (1.5 if method != "split_merge" else 1.0) < two["speedup"] <= 2.0
+    assert eight["speedup"] <= 8.0
+    tasks = {"ties": ["merge"], "pacer": ["align", "merge"],
+             "split_merge": ["variance-high", "variance-low"]}[method]
+    for name in tasks:
+        assert eight["stages"][name] < one["stages"][name] / 4
+    for name in set(one["stages"]) - set(tasks):  # the driver's passes do not spread
+        assert eight["stages"][name] == one["stages"][name]
+    assert (eight["assumptions"]["driver_only_seconds"] > 0) == (method == "split_merge")
+    shown = CliRunner().invoke(main, ["plan", str(plan), "--max-memory", "16GB",
+                                      "--backend", "ray", "--workers", "8"])
+    assert shown.exit_code == 0 and "Ray, 8 machines:" in shown.output
+    assert "the shared storage 10 GB/s" in shown.output
+
+
+def test_workers_without_the_ray_backend_are_refused(llama70b):
+    result = CliRunner().invoke(main, ["plan", str(llama70b / "plan.yaml"), "--workers", "4"])
+    assert result.exit_code == 2 and "--backend ray" in result.stderr
