@@ -32,22 +32,13 @@ def parse_slices(raw: dict, base_dir: Path, label: str) -> tuple[SliceSpec, ...]
     """``slices: [{sources: [{model, layer_range, <its parameters>}], parameters}]``."""
     if "models" in raw:
         raise PacerError(f"{label}: give models or slices, not both")
-    items = raw["slices"]
-    if not isinstance(items, list) or not items:
-        raise PacerError(f"{label}: slices must be a list of {{sources: [...]}}")
     out = []
-    for p, item in enumerate(items):
-        where = f"{label}: slices[{p}]"
-        item = as_mapping(item, where)
-        check_keys(item, SLICE_KEYS, where)
-        sources = item.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise PacerError(f"{where}.sources: expected a list of {{model, layer_range}}")
+    for where, item in mappings(raw["slices"], SLICE_KEYS, f"{label}: slices",
+                                f"{label}: slices must be a list of {{sources: [...]}}"):
         parsed = []
-        for i, source in enumerate(sources):
-            at = f"{where}.sources[{i}]"
-            source = as_mapping(source, at)
-            check_keys(source, SOURCE_KEYS, at)
+        for at, source in mappings(item.get("sources"), SOURCE_KEYS, f"{where}.sources",
+                                   f"{where}.sources: expected a list of "
+                                   "{model, layer_range}"):
             span = source.get("layer_range")
             if (not isinstance(span, list) or len(span) != 2 or not all(
                     isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span)
@@ -65,6 +56,18 @@ def parse_slices(raw: dict, base_dir: Path, label: str) -> tuple[SliceSpec, ...]
         check_parameters(parameters, f"{where}.parameters")
         out.append(SliceSpec(tuple(parsed), parameters))
     return tuple(out)
+
+
+def mappings(value: Any, keys: tuple[str, ...], where: str, refusal: str):
+    """A non-empty list's items as (``where[i]``, mapping), each mapping's keys checked;
+    anything else is refused with ``refusal``."""
+    if not isinstance(value, list) or not value:
+        raise PacerError(refusal)
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        item = as_mapping(item, at)
+        check_keys(item, keys, at)
+        yield at, item
 
 
 def base_of(raw: dict, base_dir: Path) -> ModelRef | None:
